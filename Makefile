@@ -1,0 +1,55 @@
+# ClassMesh developer commands. `make run` and `make test` do all set-up themselves.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NPM_STAMP := node_modules/.installed
+BUF := node_modules/.bin/buf
+
+.PHONY: venv gen gen-check lint test test-only run bench clean
+
+venv: $(STAMP) $(NPM_STAMP)
+
+$(STAMP): pyproject.toml sdk/python/pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]' -e sdk/python
+	touch $@
+
+$(NPM_STAMP): package.json package-lock.json
+	npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+# Regenerate gen/python and gen/ts from proto/ (local plugins only).
+gen: venv
+	$(BUF) lint
+	$(BUF) generate
+
+# Fails when regenerating would change gen/ (stale generated code).
+gen-check: venv
+	@tmp=$$(mktemp -d); cp -a gen "$$tmp/before"; \
+	$(BUF) generate; \
+	if ! diff -r -q "$$tmp/before" gen; then \
+	  echo "gen/ is stale: regenerated it now; review and commit gen/"; rm -rf "$$tmp"; exit 1; \
+	fi; rm -rf "$$tmp"; echo "gen/ is up to date"
+
+lint: venv
+	$(BUF) lint
+	$(BIN)/ruff check servers sdk tests bench tools
+	$(BIN)/ruff format --check servers sdk tests bench tools
+	$(BIN)/mypy
+
+test: venv gen-check lint test-only
+
+test-only: venv
+	$(BIN)/pytest -q
+
+run: venv
+	$(BIN)/classmesh up
+
+bench: venv
+	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache

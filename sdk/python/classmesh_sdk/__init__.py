@@ -1,0 +1,1 @@
+"""ClassMesh Python SDK."""
