@@ -1,0 +1,11 @@
+DROP TABLE session_analytics;
+DROP TABLE session_logs;
+DROP TABLE guest_tokens;
+DROP TABLE session_events;
+DROP TABLE session_participants;
+DROP TABLE sessions;
+DROP TYPE leave_reason;
+DROP TYPE participant_status;
+DROP TYPE participant_role;
+DROP TYPE session_status;
+DROP TYPE session_kind;

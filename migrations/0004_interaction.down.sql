@@ -1,0 +1,17 @@
+DROP TABLE studio_assets;
+DROP TABLE studio_scenes;
+DROP TABLE study_timers;
+DROP TABLE whiteboards;
+DROP TABLE poll_responses;
+DROP TABLE session_polls;
+DROP TABLE question_votes;
+DROP TABLE questions;
+DROP TABLE hand_raises;
+DROP TABLE chat_messages;
+DROP TYPE studio_asset_kind;
+DROP TYPE timer_status;
+DROP TYPE poll_status;
+DROP TYPE question_status;
+DROP TYPE hand_raise_status;
+DROP TYPE chat_scope;
+DROP TYPE chat_message_type;

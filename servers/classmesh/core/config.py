@@ -1,0 +1,140 @@
+"""Configuration: one frozen dataclass, read from `CLASSMESH_*` environment variables once.
+
+Every field has a documented default; `classmesh config` prints the effective values with
+secrets masked. Constructors elsewhere take explicit arguments, never the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Config", "ConfigError", "load_config", "default_data_dir"]
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value ClassMesh cannot use."""
+
+
+def default_data_dir(env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "classmesh")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Effective ClassMesh configuration.
+
+    Each field maps to `CLASSMESH_<FIELD NAME IN CAPITALS>`; the README config table lists
+    them. `None` for database_url/redis_url means "start the embedded server".
+    """
+
+    #: gRPC listen address of the mesh (all services share it in `classmesh up`).
+    listen: str = "127.0.0.1:50051"
+    #: grpc-web gateway listen address (HTTP/1.1).
+    gateway_listen: str = "127.0.0.1:8080"
+    #: Directory for embedded PostgreSQL/Redis data and local object storage.
+    data_dir: str = field(default_factory=default_data_dir)
+    #: PostgreSQL DSN; unset starts the embedded PostgreSQL under data_dir.
+    database_url: str | None = None
+    #: Redis URL; unset starts the embedded Redis under data_dir.
+    redis_url: str | None = None
+    #: Prefix of every Redis key and channel, so several deployments can share one Redis.
+    redis_prefix: str = "classmesh"
+    #: S3 endpoint URL (empty = AWS default endpoint resolution).
+    s3_endpoint: str = ""
+    #: Bucket that holds recordings.
+    s3_bucket: str = "classmesh-recordings"
+    #: S3 region.
+    s3_region: str = "us-east-1"
+    #: S3 access key id (empty = boto3 default credential chain).
+    s3_access_key: str = ""
+    #: S3 secret access key (secret).
+    s3_secret_key: str = ""
+    #: Log level: DEBUG, INFO, WARNING, ERROR.
+    log_level: str = "INFO"
+    #: Address other services are reached at (generated stubs); default: `listen`.
+    peer_target: str = ""
+    #: Size of the asyncpg pool per process.
+    db_pool_size: int = 20
+    #: Seconds of clock skew accepted on token exp/nbf.
+    jwt_leeway_seconds: int = 60
+    #: How long a stored idempotent response is replayed, in hours (at least 24).
+    idempotency_ttl_hours: int = 24
+    #: Requests per minute allowed per caller and method (0 disables the limiter).
+    rate_limit_per_minute: int = 1200
+    #: Burst above the steady rate a caller may spend at once.
+    rate_limit_burst: int = 100
+    #: Events buffered per live-stream subscriber before the slow-consumer policy applies.
+    stream_queue_size: int = 1024
+    #: Seconds a participant whose stream/heartbeat stopped stays `disconnected` before `left`.
+    presence_grace_seconds: int = 30
+    #: Seconds in-flight RPCs get to finish on SIGTERM.
+    shutdown_grace_seconds: float = 5.0
+    #: Name of the development tenant `classmesh up` creates.
+    dev_tenant: str = "dev"
+
+    @property
+    def effective_peer_target(self) -> str:
+        return self.peer_target or self.listen
+
+    def masked(self) -> dict[str, object]:
+        """The configuration as a dict with secrets hidden (for `classmesh config`)."""
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _SECRET_FIELDS and value:
+                value = "****"
+            elif f.name in _URL_FIELDS and isinstance(value, str):
+                value = _mask_url(value)
+            out[f.name] = value
+        return out
+
+
+_SECRET_FIELDS = frozenset({"s3_secret_key"})
+_URL_FIELDS = frozenset({"database_url", "redis_url"})
+
+
+def _mask_url(url: str) -> str:
+    # scheme://user:password@host -> scheme://user:****@host
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    if ":" in creds:
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:****@{host}"
+    return url
+
+
+def load_config(env: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from `CLASSMESH_*` variables (default: os.environ)."""
+    env = os.environ if env is None else env
+    kwargs: dict[str, object] = {}
+    for f in dataclasses.fields(Config):
+        key = "CLASSMESH_" + f.name.upper()
+        if key not in env:
+            continue
+        raw = env[key]
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        try:
+            if kind == "int":
+                kwargs[f.name] = int(raw)
+            elif kind == "float":
+                kwargs[f.name] = float(raw)
+            elif kind == "str | None":
+                kwargs[f.name] = raw or None
+            else:
+                kwargs[f.name] = raw
+        except ValueError as exc:
+            raise ConfigError(f"{key}={raw!r}: expected {kind}") from exc
+    cfg = Config(**kwargs)  # type: ignore[arg-type]
+    if cfg.idempotency_ttl_hours < 24:
+        raise ConfigError("CLASSMESH_IDEMPOTENCY_TTL_HOURS must be at least 24")
+    if cfg.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"CLASSMESH_LOG_LEVEL={cfg.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
+    return cfg
