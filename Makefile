@@ -7,14 +7,14 @@ STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 BUF := node_modules/.bin/buf
 
-.PHONY: venv gen gen-check lint test test-only run bench clean
+.PHONY: venv gen gen-files gen-check lint test test-only run bench clean
 
 venv: $(STAMP) $(NPM_STAMP)
 
 $(STAMP): pyproject.toml sdk/python/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]' -e sdk/python
+	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
 $(NPM_STAMP): package.json package-lock.json
@@ -22,17 +22,25 @@ $(NPM_STAMP): package.json package-lock.json
 	touch $@
 
 # Regenerate gen/python and gen/ts from proto/ (local plugins only).
+SDK_GEN := sdk/python/classmesh_sdk/_generated.py
+
 gen: venv
 	$(BUF) lint
+	$(MAKE) --no-print-directory gen-files
+
+gen-files:
 	$(BUF) generate
+	$(BUF) build -o -#format=binpb | $(BIN)/python tools/gen_sdk.py
+	$(BIN)/ruff format -q $(SDK_GEN)
 
 # Fails when regenerating would change gen/ (stale generated code).
 gen-check: venv
-	@tmp=$$(mktemp -d); cp -a gen "$$tmp/before"; \
-	$(BUF) generate; \
-	if ! diff -r -q "$$tmp/before" gen; then \
-	  echo "gen/ is stale: regenerated it now; review and commit gen/"; rm -rf "$$tmp"; exit 1; \
-	fi; rm -rf "$$tmp"; echo "gen/ is up to date"
+	@tmp=$$(mktemp -d); cp -a gen "$$tmp/before"; cp $(SDK_GEN) "$$tmp/before/sdk_generated.py"; \
+	$(MAKE) --no-print-directory gen-files >/dev/null 2>&1; cp $(SDK_GEN) gen/sdk_generated.py; \
+	if ! diff -r -q "$$tmp/before" gen; then rm -f gen/sdk_generated.py; \
+	  echo "generated code is stale: regenerated it now; review and commit gen/ and $(SDK_GEN)"; \
+	  rm -rf "$$tmp"; exit 1; \
+	fi; rm -f gen/sdk_generated.py; rm -rf "$$tmp"; echo "generated code is up to date"
 
 lint: venv
 	$(BUF) lint

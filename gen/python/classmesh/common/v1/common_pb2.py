@@ -22,15 +22,29 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n classmesh/common/v1/common.proto\x12\x13\x63lassmesh.common.v1\"\x1c\n\x04Ping\x12\x14\n\x05value\x18\x01 \x01(\tR\x05valueb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n classmesh/common/v1/common.proto\x12\x13\x63lassmesh.common.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x01\n\x05\x41\x63tor\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId\x12!\n\x0c\x64isplay_name\x18\x02 \x01(\tR\x0b\x64isplayName\x12-\n\x04role\x18\x03 \x01(\x0e\x32\x19.classmesh.common.v1.RoleR\x04role\x12\x32\n\x04kind\x18\x04 \x01(\x0e\x32\x1e.classmesh.common.v1.ActorKindR\x04kind\x12%\n\x0eparticipant_id\x18\x05 \x01(\tR\rparticipantId\"P\n\x05Scope\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12(\n\x10\x62reakout_room_id\x18\x02 \x01(\tR\x0e\x62reakoutRoomId\"}\n\tTimeRange\x12\x39\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\"i\n\tRpcStatus\x12\x12\n\x04\x63ode\x18\x01 \x01(\x05R\x04\x63ode\x12\x18\n\x07message\x18\x02 \x01(\tR\x07message\x12.\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.AnyR\x07\x64\x65tails*w\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x13\n\x0fROLE_INSTRUCTOR\x10\x01\x12\x12\n\x0eROLE_ASSISTANT\x10\x02\x12\x10\n\x0cROLE_STUDENT\x10\x03\x12\x0e\n\nROLE_GUEST\x10\x04\x12\x0e\n\nROLE_ADMIN\x10\x05*k\n\tActorKind\x12\x1a\n\x16\x41\x43TOR_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TOR_KIND_USER\x10\x01\x12\x15\n\x11\x41\x43TOR_KIND_SYSTEM\x10\x02\x12\x16\n\x12\x41\x43TOR_KIND_API_KEY\x10\x03*\xda\x0f\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1e\x45RROR_REASON_VALIDATION_FAILED\x10\x01\x12#\n\x1f\x45RROR_REASON_PAGE_TOKEN_INVALID\x10\x02\x12\x1e\n\x1a\x45RROR_REASON_TOKEN_MISSING\x10\x03\x12\x1e\n\x1a\x45RROR_REASON_TOKEN_EXPIRED\x10\x04\x12\x1e\n\x1a\x45RROR_REASON_TOKEN_INVALID\x10\x05\x12 \n\x1c\x45RROR_REASON_API_KEY_UNKNOWN\x10\x06\x12#\n\x1f\x45RROR_REASON_PERMISSION_MISSING\x10\x07\x12\x1f\n\x1b\x45RROR_REASON_NOT_IN_SESSION\x10\x08\x12\x1d\n\x19\x45RROR_REASON_NOT_ADMITTED\x10\t\x12$\n ERROR_REASON_PARTICIPANT_REMOVED\x10\n\x12\x1d\n\x19\x45RROR_REASON_RATE_LIMITED\x10\x0b\x12\'\n#ERROR_REASON_IDEMPOTENCY_KEY_REUSED\x10\x0c\x12\x1a\n\x16\x45RROR_REASON_NOT_FOUND\x10\r\x12\x1f\n\x1b\x45RROR_REASON_ALREADY_EXISTS\x10\x0e\x12)\n%ERROR_REASON_INVALID_STATE_TRANSITION\x10\x0f\x12!\n\x1d\x45RROR_REASON_TENANT_SUSPENDED\x10\x10\x12\x1d\n\x19\x45RROR_REASON_SESSION_FULL\x10\x14\x12\x1e\n\x1a\x45RROR_REASON_SESSION_ENDED\x10\x15\x12!\n\x1d\x45RROR_REASON_SESSION_NOT_LIVE\x10\x16\x12\"\n\x1e\x45RROR_REASON_SESSION_CANCELLED\x10\x17\x12%\n!ERROR_REASON_SESSION_ALREADY_LIVE\x10\x18\x12\x1a\n\x16\x45RROR_REASON_TOO_EARLY\x10\x19\x12\x19\n\x15\x45RROR_REASON_TOO_LATE\x10\x1a\x12 \n\x1c\x45RROR_REASON_LAST_INSTRUCTOR\x10\x1b\x12#\n\x1f\x45RROR_REASON_GUESTS_NOT_ALLOWED\x10\x1c\x12\"\n\x1e\x45RROR_REASON_JOIN_LINK_INVALID\x10\x1d\x12)\n%ERROR_REASON_CAPACITY_BELOW_OCCUPANCY\x10\x1e\x12\x1a\n\x16\x45RROR_REASON_ROOM_FULL\x10\x1f\x12!\n\x1d\x45RROR_REASON_FEATURE_DISABLED\x10 \x12!\n\x1d\x45RROR_REASON_BREAKOUTS_ACTIVE\x10(\x12$\n ERROR_REASON_NO_ACTIVE_BREAKOUTS\x10)\x12%\n!ERROR_REASON_BREAKOUT_ROOM_CLOSED\x10*\x12\'\n#ERROR_REASON_BREAKOUT_LIMIT_REACHED\x10+\x12\x1c\n\x18\x45RROR_REASON_POLL_CLOSED\x10\x32\x12$\n ERROR_REASON_POLL_OPTION_INVALID\x10\x33\x12%\n!ERROR_REASON_WHITEBOARD_TOO_LARGE\x10\x34\x12,\n(ERROR_REASON_WHITEBOARD_VERSION_CONFLICT\x10\x35\x12\x1e\n\x1a\x45RROR_REASON_CHAT_DISABLED\x10\x36\x12 \n\x1c\x45RROR_REASON_HAND_NOT_RAISED\x10\x37\x12\x1d\n\x19\x45RROR_REASON_OWN_QUESTION\x10\x38\x12$\n ERROR_REASON_TIMER_STATE_INVALID\x10\x39\x12\"\n\x1e\x45RROR_REASON_MEDIA_UNAVAILABLE\x10<\x12!\n\x1d\x45RROR_REASON_ROUTER_NOT_FOUND\x10=\x12%\n!ERROR_REASON_ROUTER_LIMIT_REACHED\x10>\x12\x1e\n\x1a\x45RROR_REASON_MEDIA_TIMEOUT\x10?\x12\x1c\n\x18\x45RROR_REASON_SDP_INVALID\x10@\x12 \n\x1c\x45RROR_REASON_TRACK_NOT_FOUND\x10\x41\x12#\n\x1f\x45RROR_REASON_RECORDING_DISABLED\x10\x46\x12)\n%ERROR_REASON_RECORDING_ALREADY_ACTIVE\x10G\x12%\n!ERROR_REASON_RECORDING_NOT_ACTIVE\x10H\x12(\n$ERROR_REASON_RECORDING_NOT_AVAILABLE\x10I\x12\"\n\x1e\x45RROR_REASON_JOB_NOT_RETRYABLE\x10J\x12$\n ERROR_REASON_STORAGE_UNAVAILABLE\x10K\x12\x1e\n\x1a\x45RROR_REASON_SLOW_CONSUMER\x10P\x12\x1e\n\x1a\x45RROR_REASON_SHUTTING_DOWN\x10Q\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10Rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'classmesh.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PING']._serialized_start=57
-  _globals['_PING']._serialized_end=85
+  _globals['_ROLE']._serialized_start=641
+  _globals['_ROLE']._serialized_end=760
+  _globals['_ACTORKIND']._serialized_start=762
+  _globals['_ACTORKIND']._serialized_end=869
+  _globals['_ERRORREASON']._serialized_start=872
+  _globals['_ERRORREASON']._serialized_end=2882
+  _globals['_ACTOR']._serialized_start=118
+  _globals['_ACTOR']._serialized_end=323
+  _globals['_SCOPE']._serialized_start=325
+  _globals['_SCOPE']._serialized_end=405
+  _globals['_TIMERANGE']._serialized_start=407
+  _globals['_TIMERANGE']._serialized_end=532
+  _globals['_RPCSTATUS']._serialized_start=534
+  _globals['_RPCSTATUS']._serialized_end=639
 # @@protoc_insertion_point(module_scope)

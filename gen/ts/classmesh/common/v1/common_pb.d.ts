@@ -2,8 +2,25 @@
 // @generated from file classmesh/common/v1/common.proto (package classmesh.common.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
+// Types shared by every ClassMesh service: roles, the actor of an action, the scope
+// (main room or breakout room) of a request, the catalogue of error reasons, and a
+// wire-compatible copy of google.rpc.Status for errors carried inside stream messages.
+//
+// Conventions that hold for every ClassMesh API (stated once here):
+// - ids are UUID strings (36 characters, lower-case, hyphenated) unless a field says otherwise;
+// - `request_id` on a mutating request is an idempotency key of 1-128 characters: a repeat
+//   with the same key returns the first response and changes nothing for at least 24 h; the
+//   same key with a different request fails with ALREADY_EXISTS, reason
+//   IDEMPOTENCY_KEY_REUSED;
+// - list requests take `page_size` (0 = the default stated on the field; larger values are
+//   capped at the stated maximum: 100 for resources, 500 for event logs) and an opaque
+//   `page_token` from a previous response's `next_page_token` (empty = first page);
+// - every live feed is a server stream taking `after_seq` (0 = from the beginning): it first
+//   replays the events the caller missed, then goes live, without gaps or duplicates.
+
+import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import type { Message } from "@bufbuild/protobuf";
+import type { Any, Timestamp } from "@bufbuild/protobuf/wkt";
 
 /**
  * Describes the file classmesh/common/v1/common.proto.
@@ -11,22 +28,660 @@ import type { Message } from "@bufbuild/protobuf";
 export declare const file_classmesh_common_v1_common: GenFile;
 
 /**
- * Placeholder while the API is written.
+ * The party that performed an action (event envelopes, audit logs, messages).
  *
- * @generated from message classmesh.common.v1.Ping
+ * @generated from message classmesh.common.v1.Actor
  */
-export declare type Ping = Message<"classmesh.common.v1.Ping"> & {
+export declare type Actor = Message<"classmesh.common.v1.Actor"> & {
   /**
-   * A value.
+   * User id of the actor (the token's `sub`); empty for ACTOR_KIND_SYSTEM.
    *
-   * @generated from field: string value = 1;
+   * @generated from field: string user_id = 1;
    */
-  value: string;
+  userId: string;
+
+  /**
+   * Display name at the time of the action, 0-100 characters.
+   *
+   * @generated from field: string display_name = 2;
+   */
+  displayName: string;
+
+  /**
+   * Role of the actor in the session (ROLE_UNSPECIFIED for system actors).
+   *
+   * @generated from field: classmesh.common.v1.Role role = 3;
+   */
+  role: Role;
+
+  /**
+   * Kind of actor.
+   *
+   * @generated from field: classmesh.common.v1.ActorKind kind = 4;
+   */
+  kind: ActorKind;
+
+  /**
+   * Participant id of the actor in the session, when the actor is a participant.
+   *
+   * @generated from field: string participant_id = 5;
+   */
+  participantId: string;
 };
 
 /**
- * Describes the message classmesh.common.v1.Ping.
- * Use `create(PingSchema)` to create a new message.
+ * Describes the message classmesh.common.v1.Actor.
+ * Use `create(ActorSchema)` to create a new message.
  */
-export declare const PingSchema: GenMessage<Ping>;
+export declare const ActorSchema: GenMessage<Actor>;
+
+/**
+ * Main or breakout scope: where a chat message, hand raise, question, poll, whiteboard or
+ * timer lives.
+ *
+ * @generated from message classmesh.common.v1.Scope
+ */
+export declare type Scope = Message<"classmesh.common.v1.Scope"> & {
+  /**
+   * Session id (UUID). Required.
+   *
+   * @generated from field: string session_id = 1;
+   */
+  sessionId: string;
+
+  /**
+   * Breakout room id (UUID) within the session; empty = the main room.
+   *
+   * @generated from field: string breakout_room_id = 2;
+   */
+  breakoutRoomId: string;
+};
+
+/**
+ * Describes the message classmesh.common.v1.Scope.
+ * Use `create(ScopeSchema)` to create a new message.
+ */
+export declare const ScopeSchema: GenMessage<Scope>;
+
+/**
+ * A half-open time interval [start_time, end_time) used by list filters.
+ *
+ * @generated from message classmesh.common.v1.TimeRange
+ */
+export declare type TimeRange = Message<"classmesh.common.v1.TimeRange"> & {
+  /**
+   * Inclusive lower bound; unset = unbounded.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 1;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Exclusive upper bound; unset = unbounded. Must be after start_time when both are set.
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 2;
+   */
+  endTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message classmesh.common.v1.TimeRange.
+ * Use `create(TimeRangeSchema)` to create a new message.
+ */
+export declare const TimeRangeSchema: GenMessage<TimeRange>;
+
+/**
+ * Wire-identical copy of google.rpc.Status (same field numbers and types), used where an
+ * error travels inside a stream message (Connect, Signal). The bytes parse as
+ * google.rpc.Status, so clients decode details (ErrorInfo, BadRequest, RetryInfo) with
+ * grpcio-status / googleapis-common-protos. Defined here because `make gen` uses no
+ * schema registry.
+ *
+ * @generated from message classmesh.common.v1.RpcStatus
+ */
+export declare type RpcStatus = Message<"classmesh.common.v1.RpcStatus"> & {
+  /**
+   * gRPC status code (google.rpc.Code), e.g. 9 = FAILED_PRECONDITION.
+   *
+   * @generated from field: int32 code = 1;
+   */
+  code: number;
+
+  /**
+   * Developer-facing English message, 0-1000 characters.
+   *
+   * @generated from field: string message = 2;
+   */
+  message: string;
+
+  /**
+   * Error details: exactly one google.rpc.ErrorInfo (domain "classmesh.dev", reason = an
+   * ErrorReason name without the ERROR_REASON_ prefix) plus BadRequest / RetryInfo as fits.
+   *
+   * @generated from field: repeated google.protobuf.Any details = 3;
+   */
+  details: Any[];
+};
+
+/**
+ * Describes the message classmesh.common.v1.RpcStatus.
+ * Use `create(RpcStatusSchema)` to create a new message.
+ */
+export declare const RpcStatusSchema: GenMessage<RpcStatus>;
+
+/**
+ * Role of a user within a session (carried in access-token grants and on participants).
+ *
+ * @generated from enum classmesh.common.v1.Role
+ */
+export enum Role {
+  /**
+   * Not set; rejected where a role is required.
+   *
+   * @generated from enum value: ROLE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Teaches the session: starts/ends it, admits, removes, mutes, runs breakouts, polls.
+   *
+   * @generated from enum value: ROLE_INSTRUCTOR = 1;
+   */
+  INSTRUCTOR = 1,
+
+  /**
+   * Helps the instructor: moderates chat/Q&A, admits, mutes; cannot end the session.
+   *
+   * @generated from enum value: ROLE_ASSISTANT = 2;
+   */
+  ASSISTANT = 2,
+
+  /**
+   * Enrolled learner with an account.
+   *
+   * @generated from enum value: ROLE_STUDENT = 3;
+   */
+  STUDENT = 3,
+
+  /**
+   * Attendee without an account who joined through a join link (seed 004).
+   *
+   * @generated from enum value: ROLE_GUEST = 4;
+   */
+  GUEST = 4,
+
+  /**
+   * Tenant administrator: every action in every session of the tenant.
+   *
+   * @generated from enum value: ROLE_ADMIN = 5;
+   */
+  ADMIN = 5,
+}
+
+/**
+ * Describes the enum classmesh.common.v1.Role.
+ */
+export declare const RoleSchema: GenEnum<Role>;
+
+/**
+ * Who or what performed an action.
+ *
+ * @generated from enum classmesh.common.v1.ActorKind
+ */
+export enum ActorKind {
+  /**
+   * Not set.
+   *
+   * @generated from enum value: ACTOR_KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A person authenticated by an access token (user or guest).
+   *
+   * @generated from enum value: ACTOR_KIND_USER = 1;
+   */
+  USER = 1,
+
+  /**
+   * ClassMesh itself (timers, time limits, grace-window expiry, job pipeline).
+   *
+   * @generated from enum value: ACTOR_KIND_SYSTEM = 2;
+   */
+  SYSTEM = 2,
+
+  /**
+   * A partner backend calling with an API-key-signed token and no end user.
+   *
+   * @generated from enum value: ACTOR_KIND_API_KEY = 3;
+   */
+  API_KEY = 3,
+}
+
+/**
+ * Describes the enum classmesh.common.v1.ActorKind.
+ */
+export declare const ActorKindSchema: GenEnum<ActorKind>;
+
+/**
+ * Every reason a ClassMesh service puts in google.rpc.ErrorInfo.reason (domain
+ * "classmesh.dev"). The wire reason is the enum value name WITHOUT the `ERROR_REASON_`
+ * prefix, e.g. ERROR_REASON_SESSION_FULL -> "SESSION_FULL". Each value names the gRPC code
+ * it is returned with.
+ *
+ * @generated from enum classmesh.common.v1.ErrorReason
+ */
+export enum ErrorReason {
+  /**
+   * Not set; never sent.
+   *
+   * @generated from enum value: ERROR_REASON_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * --- input, identity, limits ---
+   * INVALID_ARGUMENT: input failed validation; google.rpc.BadRequest lists the fields.
+   *
+   * @generated from enum value: ERROR_REASON_VALIDATION_FAILED = 1;
+   */
+  VALIDATION_FAILED = 1,
+
+  /**
+   * INVALID_ARGUMENT: a page_token is malformed, expired, or from another query.
+   *
+   * @generated from enum value: ERROR_REASON_PAGE_TOKEN_INVALID = 2;
+   */
+  PAGE_TOKEN_INVALID = 2,
+
+  /**
+   * UNAUTHENTICATED: no bearer token in the `authorization` metadata.
+   *
+   * @generated from enum value: ERROR_REASON_TOKEN_MISSING = 3;
+   */
+  TOKEN_MISSING = 3,
+
+  /**
+   * UNAUTHENTICATED: the token is past `exp` (60 s leeway); refresh and retry.
+   *
+   * @generated from enum value: ERROR_REASON_TOKEN_EXPIRED = 4;
+   */
+  TOKEN_EXPIRED = 4,
+
+  /**
+   * UNAUTHENTICATED: bad signature, algorithm, `nbf` in the future, malformed claims.
+   *
+   * @generated from enum value: ERROR_REASON_TOKEN_INVALID = 5;
+   */
+  TOKEN_INVALID = 5,
+
+  /**
+   * UNAUTHENTICATED: the token's `kid` names no active API key of the tenant.
+   *
+   * @generated from enum value: ERROR_REASON_API_KEY_UNKNOWN = 6;
+   */
+  API_KEY_UNKNOWN = 6,
+
+  /**
+   * PERMISSION_DENIED: the caller's role or grants lack what the RPC needs.
+   *
+   * @generated from enum value: ERROR_REASON_PERMISSION_MISSING = 7;
+   */
+  PERMISSION_MISSING = 7,
+
+  /**
+   * PERMISSION_DENIED: the caller is not (or no longer) a participant of the session.
+   *
+   * @generated from enum value: ERROR_REASON_NOT_IN_SESSION = 8;
+   */
+  NOT_IN_SESSION = 8,
+
+  /**
+   * PERMISSION_DENIED: the caller is still in the lobby and not admitted.
+   *
+   * @generated from enum value: ERROR_REASON_NOT_ADMITTED = 9;
+   */
+  NOT_ADMITTED = 9,
+
+  /**
+   * PERMISSION_DENIED: the caller was removed from the session and cannot rejoin.
+   *
+   * @generated from enum value: ERROR_REASON_PARTICIPANT_REMOVED = 10;
+   */
+  PARTICIPANT_REMOVED = 10,
+
+  /**
+   * RESOURCE_EXHAUSTED + RetryInfo: the per-user/per-method rate limit was exceeded.
+   *
+   * @generated from enum value: ERROR_REASON_RATE_LIMITED = 11;
+   */
+  RATE_LIMITED = 11,
+
+  /**
+   * ALREADY_EXISTS: a request_id was reused with a different request body.
+   *
+   * @generated from enum value: ERROR_REASON_IDEMPOTENCY_KEY_REUSED = 12;
+   */
+  IDEMPOTENCY_KEY_REUSED = 12,
+
+  /**
+   * NOT_FOUND: the named resource does not exist in the caller's tenant.
+   *
+   * @generated from enum value: ERROR_REASON_NOT_FOUND = 13;
+   */
+  NOT_FOUND = 13,
+
+  /**
+   * ALREADY_EXISTS: a resource with the same unique key exists.
+   *
+   * @generated from enum value: ERROR_REASON_ALREADY_EXISTS = 14;
+   */
+  ALREADY_EXISTS = 14,
+
+  /**
+   * FAILED_PRECONDITION: the requested state change is not allowed from the current state.
+   *
+   * @generated from enum value: ERROR_REASON_INVALID_STATE_TRANSITION = 15;
+   */
+  INVALID_STATE_TRANSITION = 15,
+
+  /**
+   * PERMISSION_DENIED: the tenant is suspended.
+   *
+   * @generated from enum value: ERROR_REASON_TENANT_SUSPENDED = 16;
+   */
+  TENANT_SUSPENDED = 16,
+
+  /**
+   * --- sessions, participants ---
+   * RESOURCE_EXHAUSTED: a class session has no free seat (admitted participants = capacity).
+   *
+   * @generated from enum value: ERROR_REASON_SESSION_FULL = 20;
+   */
+  SESSION_FULL = 20,
+
+  /**
+   * FAILED_PRECONDITION: the session has ended.
+   *
+   * @generated from enum value: ERROR_REASON_SESSION_ENDED = 21;
+   */
+  SESSION_ENDED = 21,
+
+  /**
+   * FAILED_PRECONDITION: the action needs a LIVE session (it is scheduled or over).
+   *
+   * @generated from enum value: ERROR_REASON_SESSION_NOT_LIVE = 22;
+   */
+  SESSION_NOT_LIVE = 22,
+
+  /**
+   * FAILED_PRECONDITION: the session was cancelled.
+   *
+   * @generated from enum value: ERROR_REASON_SESSION_CANCELLED = 23;
+   */
+  SESSION_CANCELLED = 23,
+
+  /**
+   * ABORTED: StartSession on a session that is already LIVE (the response carries state).
+   *
+   * @generated from enum value: ERROR_REASON_SESSION_ALREADY_LIVE = 24;
+   */
+  SESSION_ALREADY_LIVE = 24,
+
+  /**
+   * FAILED_PRECONDITION: start more than 10 minutes before scheduled_start.
+   *
+   * @generated from enum value: ERROR_REASON_TOO_EARLY = 25;
+   */
+  TOO_EARLY = 25,
+
+  /**
+   * FAILED_PRECONDITION: join link used after scheduled_end + 15 minutes.
+   *
+   * @generated from enum value: ERROR_REASON_TOO_LATE = 26;
+   */
+  TOO_LATE = 26,
+
+  /**
+   * FAILED_PRECONDITION: removing or demoting the session's last instructor.
+   *
+   * @generated from enum value: ERROR_REASON_LAST_INSTRUCTOR = 27;
+   */
+  LAST_INSTRUCTOR = 27,
+
+  /**
+   * PERMISSION_DENIED: the session does not allow guests (settings.allow_guests = false).
+   *
+   * @generated from enum value: ERROR_REASON_GUESTS_NOT_ALLOWED = 28;
+   */
+  GUESTS_NOT_ALLOWED = 28,
+
+  /**
+   * NOT_FOUND: the join link token matches no session (or was rotated).
+   *
+   * @generated from enum value: ERROR_REASON_JOIN_LINK_INVALID = 29;
+   */
+  JOIN_LINK_INVALID = 29,
+
+  /**
+   * FAILED_PRECONDITION: capacity lowered below the current occupancy.
+   *
+   * @generated from enum value: ERROR_REASON_CAPACITY_BELOW_OCCUPANCY = 30;
+   */
+  CAPACITY_BELOW_OCCUPANCY = 30,
+
+  /**
+   * RESOURCE_EXHAUSTED: a study room (SESSION_KIND_STUDY_ROOM) or a breakout room is full.
+   *
+   * @generated from enum value: ERROR_REASON_ROOM_FULL = 31;
+   */
+  ROOM_FULL = 31,
+
+  /**
+   * FAILED_PRECONDITION: the feature is switched off in the session settings.
+   *
+   * @generated from enum value: ERROR_REASON_FEATURE_DISABLED = 32;
+   */
+  FEATURE_DISABLED = 32,
+
+  /**
+   * --- breakouts ---
+   * FAILED_PRECONDITION: breakout rooms are already open; close them first.
+   *
+   * @generated from enum value: ERROR_REASON_BREAKOUTS_ACTIVE = 40;
+   */
+  BREAKOUTS_ACTIVE = 40,
+
+  /**
+   * FAILED_PRECONDITION: no breakout room is open (e.g. broadcast with zero rooms).
+   *
+   * @generated from enum value: ERROR_REASON_NO_ACTIVE_BREAKOUTS = 41;
+   */
+  NO_ACTIVE_BREAKOUTS = 41,
+
+  /**
+   * FAILED_PRECONDITION: the breakout room is closed.
+   *
+   * @generated from enum value: ERROR_REASON_BREAKOUT_ROOM_CLOSED = 42;
+   */
+  BREAKOUT_ROOM_CLOSED = 42,
+
+  /**
+   * RESOURCE_EXHAUSTED: more than 50 breakout rooms (or the session's max) requested.
+   *
+   * @generated from enum value: ERROR_REASON_BREAKOUT_LIMIT_REACHED = 43;
+   */
+  BREAKOUT_LIMIT_REACHED = 43,
+
+  /**
+   * --- interaction ---
+   * FAILED_PRECONDITION: the poll is closed; no more responses.
+   *
+   * @generated from enum value: ERROR_REASON_POLL_CLOSED = 50;
+   */
+  POLL_CLOSED = 50,
+
+  /**
+   * INVALID_ARGUMENT: a selected option index is out of range or too many selections.
+   *
+   * @generated from enum value: ERROR_REASON_POLL_OPTION_INVALID = 51;
+   */
+  POLL_OPTION_INVALID = 51,
+
+  /**
+   * INVALID_ARGUMENT: the whiteboard would exceed 10 MB.
+   *
+   * @generated from enum value: ERROR_REASON_WHITEBOARD_TOO_LARGE = 52;
+   */
+  WHITEBOARD_TOO_LARGE = 52,
+
+  /**
+   * ABORTED: base_version is stale and an op touches an element changed since; re-read.
+   *
+   * @generated from enum value: ERROR_REASON_WHITEBOARD_VERSION_CONFLICT = 53;
+   */
+  WHITEBOARD_VERSION_CONFLICT = 53,
+
+  /**
+   * FAILED_PRECONDITION: chat is disabled for the session or the caller cannot chat.
+   *
+   * @generated from enum value: ERROR_REASON_CHAT_DISABLED = 54;
+   */
+  CHAT_DISABLED = 54,
+
+  /**
+   * FAILED_PRECONDITION: the caller has no active hand raise / the hand is not active.
+   *
+   * @generated from enum value: ERROR_REASON_HAND_NOT_RAISED = 55;
+   */
+  HAND_NOT_RAISED = 55,
+
+  /**
+   * FAILED_PRECONDITION: voting on one's own question.
+   *
+   * @generated from enum value: ERROR_REASON_OWN_QUESTION = 56;
+   */
+  OWN_QUESTION = 56,
+
+  /**
+   * FAILED_PRECONDITION: the timer is not in a state that allows the action.
+   *
+   * @generated from enum value: ERROR_REASON_TIMER_STATE_INVALID = 57;
+   */
+  TIMER_STATE_INVALID = 57,
+
+  /**
+   * --- media ---
+   * UNAVAILABLE + RetryInfo (30 s): the SFU is unavailable or its circuit breaker is open.
+   *
+   * @generated from enum value: ERROR_REASON_MEDIA_UNAVAILABLE = 60;
+   */
+  MEDIA_UNAVAILABLE = 60,
+
+  /**
+   * NOT_FOUND: no media router exists for the session / breakout room.
+   *
+   * @generated from enum value: ERROR_REASON_ROUTER_NOT_FOUND = 61;
+   */
+  ROUTER_NOT_FOUND = 61,
+
+  /**
+   * RESOURCE_EXHAUSTED: a session already has 50 routers (main + 49 breakouts).
+   *
+   * @generated from enum value: ERROR_REASON_ROUTER_LIMIT_REACHED = 62;
+   */
+  ROUTER_LIMIT_REACHED = 62,
+
+  /**
+   * DEADLINE_EXCEEDED: a media operation (transport, consumer) timed out after 10 s.
+   *
+   * @generated from enum value: ERROR_REASON_MEDIA_TIMEOUT = 63;
+   */
+  MEDIA_TIMEOUT = 63,
+
+  /**
+   * INVALID_ARGUMENT: SDP or ICE candidate could not be parsed or negotiated.
+   *
+   * @generated from enum value: ERROR_REASON_SDP_INVALID = 64;
+   */
+  SDP_INVALID = 64,
+
+  /**
+   * NOT_FOUND: the track (producer) does not exist or was unpublished.
+   *
+   * @generated from enum value: ERROR_REASON_TRACK_NOT_FOUND = 65;
+   */
+  TRACK_NOT_FOUND = 65,
+
+  /**
+   * --- recording ---
+   * FAILED_PRECONDITION: recording is disabled for the session.
+   *
+   * @generated from enum value: ERROR_REASON_RECORDING_DISABLED = 70;
+   */
+  RECORDING_DISABLED = 70,
+
+  /**
+   * ABORTED: a recording is already active for this scope.
+   *
+   * @generated from enum value: ERROR_REASON_RECORDING_ALREADY_ACTIVE = 71;
+   */
+  RECORDING_ALREADY_ACTIVE = 71,
+
+  /**
+   * FAILED_PRECONDITION: no active recording to stop.
+   *
+   * @generated from enum value: ERROR_REASON_RECORDING_NOT_ACTIVE = 72;
+   */
+  RECORDING_NOT_ACTIVE = 72,
+
+  /**
+   * FAILED_PRECONDITION: the recording is still pending/processing or failed.
+   *
+   * @generated from enum value: ERROR_REASON_RECORDING_NOT_AVAILABLE = 73;
+   */
+  RECORDING_NOT_AVAILABLE = 73,
+
+  /**
+   * FAILED_PRECONDITION: the job is not in the dead-letter state and cannot be retried.
+   *
+   * @generated from enum value: ERROR_REASON_JOB_NOT_RETRYABLE = 74;
+   */
+  JOB_NOT_RETRYABLE = 74,
+
+  /**
+   * UNAVAILABLE + RetryInfo: object storage is unreachable.
+   *
+   * @generated from enum value: ERROR_REASON_STORAGE_UNAVAILABLE = 75;
+   */
+  STORAGE_UNAVAILABLE = 75,
+
+  /**
+   * --- streams, server ---
+   * RESOURCE_EXHAUSTED: a stream subscriber fell too far behind and was cut off; resume
+   * with after_seq = the last seq received.
+   *
+   * @generated from enum value: ERROR_REASON_SLOW_CONSUMER = 80;
+   */
+  SLOW_CONSUMER = 80,
+
+  /**
+   * UNAVAILABLE: the server is shutting down (SIGTERM); reconnect elsewhere.
+   *
+   * @generated from enum value: ERROR_REASON_SHUTTING_DOWN = 81;
+   */
+  SHUTTING_DOWN = 81,
+
+  /**
+   * INTERNAL: unexpected error; ErrorInfo.metadata["correlation_id"] is in the server log.
+   *
+   * @generated from enum value: ERROR_REASON_INTERNAL = 82;
+   */
+  INTERNAL = 82,
+}
+
+/**
+ * Describes the enum classmesh.common.v1.ErrorReason.
+ */
+export declare const ErrorReasonSchema: GenEnum<ErrorReason>;
 

@@ -2,18 +2,101 @@
 // @generated from file classmesh/common/v1/common.proto (package classmesh.common.v1, syntax proto3)
 /* eslint-disable */
 
-import { fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
+// Types shared by every ClassMesh service: roles, the actor of an action, the scope
+// (main room or breakout room) of a request, the catalogue of error reasons, and a
+// wire-compatible copy of google.rpc.Status for errors carried inside stream messages.
+//
+// Conventions that hold for every ClassMesh API (stated once here):
+// - ids are UUID strings (36 characters, lower-case, hyphenated) unless a field says otherwise;
+// - `request_id` on a mutating request is an idempotency key of 1-128 characters: a repeat
+//   with the same key returns the first response and changes nothing for at least 24 h; the
+//   same key with a different request fails with ALREADY_EXISTS, reason
+//   IDEMPOTENCY_KEY_REUSED;
+// - list requests take `page_size` (0 = the default stated on the field; larger values are
+//   capped at the stated maximum: 100 for resources, 500 for event logs) and an opaque
+//   `page_token` from a previous response's `next_page_token` (empty = first page);
+// - every live feed is a server stream taking `after_seq` (0 = from the beginning): it first
+//   replays the events the caller missed, then goes live, without gaps or duplicates.
+
+import { enumDesc, fileDesc, messageDesc, tsEnum } from "@bufbuild/protobuf/codegenv2";
+import { file_google_protobuf_any, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 
 /**
  * Describes the file classmesh/common/v1/common.proto.
  */
 export const file_classmesh_common_v1_common = /*@__PURE__*/
-  fileDesc("CiBjbGFzc21lc2gvY29tbW9uL3YxL2NvbW1vbi5wcm90bxITY2xhc3NtZXNoLmNvbW1vbi52MSIVCgRQaW5nEg0KBXZhbHVlGAEgASgJYgZwcm90bzM");
+  fileDesc("CiBjbGFzc21lc2gvY29tbW9uL3YxL2NvbW1vbi5wcm90bxITY2xhc3NtZXNoLmNvbW1vbi52MSKdAQoFQWN0b3ISDwoHdXNlcl9pZBgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSJwoEcm9sZRgDIAEoDjIZLmNsYXNzbWVzaC5jb21tb24udjEuUm9sZRIsCgRraW5kGAQgASgOMh4uY2xhc3NtZXNoLmNvbW1vbi52MS5BY3RvcktpbmQSFgoOcGFydGljaXBhbnRfaWQYBSABKAkiNQoFU2NvcGUSEgoKc2Vzc2lvbl9pZBgBIAEoCRIYChBicmVha291dF9yb29tX2lkGAIgASgJImkKCVRpbWVSYW5nZRIuCgpzdGFydF90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiUQoJUnBjU3RhdHVzEgwKBGNvZGUYASABKAUSDwoHbWVzc2FnZRgCIAEoCRIlCgdkZXRhaWxzGAMgAygLMhQuZ29vZ2xlLnByb3RvYnVmLkFueSp3CgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABITCg9ST0xFX0lOU1RSVUNUT1IQARISCg5ST0xFX0FTU0lTVEFOVBACEhAKDFJPTEVfU1RVREVOVBADEg4KClJPTEVfR1VFU1QQBBIOCgpST0xFX0FETUlOEAUqawoJQWN0b3JLaW5kEhoKFkFDVE9SX0tJTkRfVU5TUEVDSUZJRUQQABITCg9BQ1RPUl9LSU5EX1VTRVIQARIVChFBQ1RPUl9LSU5EX1NZU1RFTRACEhYKEkFDVE9SX0tJTkRfQVBJX0tFWRADKtoPCgtFcnJvclJlYXNvbhIcChhFUlJPUl9SRUFTT05fVU5TUEVDSUZJRUQQABIiCh5FUlJPUl9SRUFTT05fVkFMSURBVElPTl9GQUlMRUQQARIjCh9FUlJPUl9SRUFTT05fUEFHRV9UT0tFTl9JTlZBTElEEAISHgoaRVJST1JfUkVBU09OX1RPS0VOX01JU1NJTkcQAxIeChpFUlJPUl9SRUFTT05fVE9LRU5fRVhQSVJFRBAEEh4KGkVSUk9SX1JFQVNPTl9UT0tFTl9JTlZBTElEEAUSIAocRVJST1JfUkVBU09OX0FQSV9LRVlfVU5LTk9XThAGEiMKH0VSUk9SX1JFQVNPTl9QRVJNSVNTSU9OX01JU1NJTkcQBxIfChtFUlJPUl9SRUFTT05fTk9UX0lOX1NFU1NJT04QCBIdChlFUlJPUl9SRUFTT05fTk9UX0FETUlUVEVEEAkSJAogRVJST1JfUkVBU09OX1BBUlRJQ0lQQU5UX1JFTU9WRUQQChIdChlFUlJPUl9SRUFTT05fUkFURV9MSU1JVEVEEAsSJwojRVJST1JfUkVBU09OX0lERU1QT1RFTkNZX0tFWV9SRVVTRUQQDBIaChZFUlJPUl9SRUFTT05fTk9UX0ZPVU5EEA0SHwobRVJST1JfUkVBU09OX0FMUkVBRFlfRVhJU1RTEA4SKQolRVJST1JfUkVBU09OX0lOVkFMSURfU1RBVEVfVFJBTlNJVElPThAPEiEKHUVSUk9SX1JFQVNPTl9URU5BTlRfU1VTUEVOREVEEBASHQoZRVJST1JfUkVBU09OX1NFU1NJT05fRlVMTBAUEh4KGkVSUk9SX1JFQVNPTl9TRVNTSU9OX0VOREVEEBUSIQodRVJST1JfUkVBU09OX1NFU1NJT05fTk9UX0xJVkUQFhIiCh5FUlJPUl9SRUFTT05fU0VTU0lPTl9DQU5DRUxMRUQQFxIlCiFFUlJPUl9SRUFTT05fU0VTU0lPTl9BTFJFQURZX0xJVkUQGBIaChZFUlJPUl9SRUFTT05fVE9PX0VBUkxZEBkSGQoVRVJST1JfUkVBU09OX1RPT19MQVRFEBoSIAocRVJST1JfUkVBU09OX0xBU1RfSU5TVFJVQ1RPUhAbEiMKH0VSUk9SX1JFQVNPTl9HVUVTVFNfTk9UX0FMTE9XRUQQHBIiCh5FUlJPUl9SRUFTT05fSk9JTl9MSU5LX0lOVkFMSUQQHRIpCiVFUlJPUl9SRUFTT05fQ0FQQUNJVFlfQkVMT1dfT0NDVVBBTkNZEB4SGgoWRVJST1JfUkVBU09OX1JPT01fRlVMTBAfEiEKHUVSUk9SX1JFQVNPTl9GRUFUVVJFX0RJU0FCTEVEECASIQodRVJST1JfUkVBU09OX0JSRUFLT1VUU19BQ1RJVkUQKBIkCiBFUlJPUl9SRUFTT05fTk9fQUNUSVZFX0JSRUFLT1VUUxApEiUKIUVSUk9SX1JFQVNPTl9CUkVBS09VVF9ST09NX0NMT1NFRBAqEicKI0VSUk9SX1JFQVNPTl9CUkVBS09VVF9MSU1JVF9SRUFDSEVEECsSHAoYRVJST1JfUkVBU09OX1BPTExfQ0xPU0VEEDISJAogRVJST1JfUkVBU09OX1BPTExfT1BUSU9OX0lOVkFMSUQQMxIlCiFFUlJPUl9SRUFTT05fV0hJVEVCT0FSRF9UT09fTEFSR0UQNBIsCihFUlJPUl9SRUFTT05fV0hJVEVCT0FSRF9WRVJTSU9OX0NPTkZMSUNUEDUSHgoaRVJST1JfUkVBU09OX0NIQVRfRElTQUJMRUQQNhIgChxFUlJPUl9SRUFTT05fSEFORF9OT1RfUkFJU0VEEDcSHQoZRVJST1JfUkVBU09OX09XTl9RVUVTVElPThA4EiQKIEVSUk9SX1JFQVNPTl9USU1FUl9TVEFURV9JTlZBTElEEDkSIgoeRVJST1JfUkVBU09OX01FRElBX1VOQVZBSUxBQkxFEDwSIQodRVJST1JfUkVBU09OX1JPVVRFUl9OT1RfRk9VTkQQPRIlCiFFUlJPUl9SRUFTT05fUk9VVEVSX0xJTUlUX1JFQUNIRUQQPhIeChpFUlJPUl9SRUFTT05fTUVESUFfVElNRU9VVBA/EhwKGEVSUk9SX1JFQVNPTl9TRFBfSU5WQUxJRBBAEiAKHEVSUk9SX1JFQVNPTl9UUkFDS19OT1RfRk9VTkQQQRIjCh9FUlJPUl9SRUFTT05fUkVDT1JESU5HX0RJU0FCTEVEEEYSKQolRVJST1JfUkVBU09OX1JFQ09SRElOR19BTFJFQURZX0FDVElWRRBHEiUKIUVSUk9SX1JFQVNPTl9SRUNPUkRJTkdfTk9UX0FDVElWRRBIEigKJEVSUk9SX1JFQVNPTl9SRUNPUkRJTkdfTk9UX0FWQUlMQUJMRRBJEiIKHkVSUk9SX1JFQVNPTl9KT0JfTk9UX1JFVFJZQUJMRRBKEiQKIEVSUk9SX1JFQVNPTl9TVE9SQUdFX1VOQVZBSUxBQkxFEEsSHgoaRVJST1JfUkVBU09OX1NMT1dfQ09OU1VNRVIQUBIeChpFUlJPUl9SRUFTT05fU0hVVFRJTkdfRE9XThBREhkKFUVSUk9SX1JFQVNPTl9JTlRFUk5BTBBSYgZwcm90bzM", [file_google_protobuf_any, file_google_protobuf_timestamp]);
 
 /**
- * Describes the message classmesh.common.v1.Ping.
- * Use `create(PingSchema)` to create a new message.
+ * Describes the message classmesh.common.v1.Actor.
+ * Use `create(ActorSchema)` to create a new message.
  */
-export const PingSchema = /*@__PURE__*/
+export const ActorSchema = /*@__PURE__*/
   messageDesc(file_classmesh_common_v1_common, 0);
+
+/**
+ * Describes the message classmesh.common.v1.Scope.
+ * Use `create(ScopeSchema)` to create a new message.
+ */
+export const ScopeSchema = /*@__PURE__*/
+  messageDesc(file_classmesh_common_v1_common, 1);
+
+/**
+ * Describes the message classmesh.common.v1.TimeRange.
+ * Use `create(TimeRangeSchema)` to create a new message.
+ */
+export const TimeRangeSchema = /*@__PURE__*/
+  messageDesc(file_classmesh_common_v1_common, 2);
+
+/**
+ * Describes the message classmesh.common.v1.RpcStatus.
+ * Use `create(RpcStatusSchema)` to create a new message.
+ */
+export const RpcStatusSchema = /*@__PURE__*/
+  messageDesc(file_classmesh_common_v1_common, 3);
+
+/**
+ * Describes the enum classmesh.common.v1.Role.
+ */
+export const RoleSchema = /*@__PURE__*/
+  enumDesc(file_classmesh_common_v1_common, 0);
+
+/**
+ * Role of a user within a session (carried in access-token grants and on participants).
+ *
+ * @generated from enum classmesh.common.v1.Role
+ */
+export const Role = /*@__PURE__*/
+  tsEnum(RoleSchema);
+
+/**
+ * Describes the enum classmesh.common.v1.ActorKind.
+ */
+export const ActorKindSchema = /*@__PURE__*/
+  enumDesc(file_classmesh_common_v1_common, 1);
+
+/**
+ * Who or what performed an action.
+ *
+ * @generated from enum classmesh.common.v1.ActorKind
+ */
+export const ActorKind = /*@__PURE__*/
+  tsEnum(ActorKindSchema);
+
+/**
+ * Describes the enum classmesh.common.v1.ErrorReason.
+ */
+export const ErrorReasonSchema = /*@__PURE__*/
+  enumDesc(file_classmesh_common_v1_common, 2);
+
+/**
+ * Every reason a ClassMesh service puts in google.rpc.ErrorInfo.reason (domain
+ * "classmesh.dev"). The wire reason is the enum value name WITHOUT the `ERROR_REASON_`
+ * prefix, e.g. ERROR_REASON_SESSION_FULL -> "SESSION_FULL". Each value names the gRPC code
+ * it is returned with.
+ *
+ * @generated from enum classmesh.common.v1.ErrorReason
+ */
+export const ErrorReason = /*@__PURE__*/
+  tsEnum(ErrorReasonSchema);
 
