@@ -47,20 +47,28 @@ def docstring(text: str, indent: str) -> str:
     return f'{indent}"""{lines[0]}\n{body}\n{indent}"""\n'
 
 
+def _walk(
+    messages: dict[str, tuple[str, descriptor_pb2.DescriptorProto, str]],
+    mod: str,
+    file_name: str,
+    prefix: str,
+    pyprefix: str,
+    descs: list[descriptor_pb2.DescriptorProto],
+) -> None:
+    for d in descs:
+        full = f"{prefix}.{d.name}"
+        pyname = f"{pyprefix}{d.name}"
+        messages[full] = (f"{mod}.{pyname}", d, file_name)
+        _walk(messages, mod, file_name, full, pyname + ".", list(d.nested_type))
+
+
 def main() -> int:
     fds = descriptor_pb2.FileDescriptorSet.FromString(sys.stdin.buffer.read())
     messages: dict[str, tuple[str, descriptor_pb2.DescriptorProto, str]] = {}
     for f in fds.file:
         pkg, mod = module_alias(f.name)
 
-        def walk(prefix: str, pyprefix: str, descs: list[descriptor_pb2.DescriptorProto]) -> None:
-            for d in descs:
-                full = f"{prefix}.{d.name}"
-                pyname = f"{pyprefix}{d.name}"
-                messages[full] = (f"{mod}.{pyname}", d, f.name)
-                walk(full, pyname + ".", list(d.nested_type))
-
-        walk("." + f.package, "", list(f.message_type))
+        _walk(messages, mod, f.name, "." + f.package, "", list(f.message_type))
 
     imports: set[tuple[str, str]] = set()
     classes: list[str] = []
@@ -71,9 +79,11 @@ def main() -> int:
         if f.service and f.name.startswith("classmesh/") and f.name.endswith("_service.proto")
     ]
     service_files.sort(
-        key=lambda f: SERVICE_ORDER.index(f.package.split(".")[1])
-        if f.package.split(".")[1] in SERVICE_ORDER
-        else 99
+        key=lambda f: (
+            SERVICE_ORDER.index(f.package.split(".")[1])
+            if f.package.split(".")[1] in SERVICE_ORDER
+            else 99
+        )
     )
     for f in service_files:
         notes = comments(f)
@@ -91,7 +101,9 @@ def main() -> int:
                 imports.add(module_alias(req_file))
                 imports.add(module_alias(resp_file))
                 fields = {fl.name for fl in req_d.field}
-                read_only = m.options.idempotency_level == descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS
+                read_only = (
+                    m.options.idempotency_level == descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS
+                )
                 const = "_" + snake(m.name).upper()
                 path = f"/{f.package}.{svc.name}/{m.name}"
                 body.append(
@@ -115,7 +127,9 @@ def main() -> int:
                         f"    ) -> grpc.aio.StreamStreamCall[{req_py}, {resp_py}]:\n"
                     )
                     body.append(docstring(doc, "        "))
-                    body.append(f"        return self._stream_stream(self.{const}, timeout=timeout, metadata=metadata)\n\n")
+                    body.append(
+                        f"        return self._stream_stream(self.{const}, timeout=timeout, metadata=metadata)\n\n"
+                    )
                     continue
                 sig = (
                     f"        self,\n"

@@ -226,9 +226,9 @@ def _claims(key: Key) -> dict[str, Any]:
         ("bad_signature", "TOKEN_INVALID"),
         ("alg_none", "TOKEN_INVALID"),
         ("alg_hs512", "TOKEN_INVALID"),
-        ("unknown_kid", "UNKNOWN_KEY"),
+        ("unknown_kid", "API_KEY_UNKNOWN"),
         ("other_tenants_key", "TOKEN_INVALID"),
-        ("revoked_key", "UNKNOWN_KEY"),
+        ("revoked_key", "API_KEY_UNKNOWN"),
         ("garbage", "TOKEN_INVALID"),
     ],
 )
@@ -328,7 +328,7 @@ async def test_revocation_in_the_database_applies_after_the_cache_window(
     await pool.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", key.key_id)
     with pytest.raises(Exception) as info:
         await store.verify(token)
-    assert getattr(info.value, "reason", None) == "UNKNOWN_KEY"
+    assert getattr(info.value, "reason", None) == "API_KEY_UNKNOWN"
 
 
 def test_reflection_and_health_are_public_everything_else_is_not(pool: asyncpg.Pool) -> None:

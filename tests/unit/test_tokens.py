@@ -188,7 +188,7 @@ def test_other_algorithms_are_refused_even_with_the_right_secret(alg: str) -> No
 
 
 def test_unknown_kid() -> None:
-    rejected(token(ApiKey("ck_nobody", TENANT, "n" * 40)), "UNKNOWN_KEY")
+    rejected(token(ApiKey("ck_nobody", TENANT, "n" * 40)), "API_KEY_UNKNOWN")
 
 
 def test_missing_kid() -> None:
@@ -197,7 +197,7 @@ def test_missing_kid() -> None:
 
 
 def test_revoked_key_is_unknown() -> None:
-    rejected(token(REVOKED), "UNKNOWN_KEY")
+    rejected(token(REVOKED), "API_KEY_UNKNOWN")
 
 
 def test_key_revoked_in_the_future_still_works_until_then() -> None:
@@ -255,7 +255,7 @@ def test_revocation_takes_effect_when_the_cache_entry_goes() -> None:
     ks.keys[KEY.key_id] = ApiKey(KEY.key_id, TENANT, KEY.secret, revoked_at=at(NOW - 1))
     verify(tok, ks)  # still cached: documented window
     ks.invalidate(KEY.key_id)
-    rejected(tok, "UNKNOWN_KEY", ks)
+    rejected(tok, "API_KEY_UNKNOWN", ks)
 
 
 # ---------------------------------------------------------------------- grants checks

@@ -76,8 +76,8 @@ class ServiceClient:
         metadata: Metadata | None,
         retry: Retry | None,
     ) -> Any:
-        if info.has_request_id and not getattr(request, "request_id"):
-            setattr(request, "request_id", str(uuid.uuid4()))
+        if info.has_request_id and not request.request_id:  # type: ignore[attr-defined]
+            request.request_id = str(uuid.uuid4())  # type: ignore[attr-defined]
         policy = info.default_retry if retry is DEFAULT or retry is None else retry
         budget = DEFAULT_TIMEOUT if timeout is DEFAULT or timeout is None else timeout
         deadline = time.monotonic() + budget
@@ -91,7 +91,9 @@ class ServiceClient:
             attempt += 1
             remaining = deadline - time.monotonic()
             try:
-                return await call(request, timeout=max(remaining, 0.001), metadata=self._metadata(metadata))
+                return await call(
+                    request, timeout=max(remaining, 0.001), metadata=self._metadata(metadata)
+                )
             except grpc.aio.AioRpcError as err:
                 exc = from_rpc_error(err)
                 if not _should_retry(policy, exc, attempt, deadline):
@@ -124,7 +126,7 @@ class ServiceClient:
                     attempt = 0
                     seq = _event_seq(response)
                     if info.has_after_seq and seq:
-                        setattr(request, "after_seq", seq)
+                        request.after_seq = seq  # type: ignore[attr-defined]
                     yield response
                 return
             except grpc.aio.AioRpcError as err:
@@ -139,7 +141,7 @@ class ServiceClient:
 
     def _stream_stream(
         self, info: MethodInfo, *, timeout: float | None, metadata: Metadata | None
-    ) -> grpc.aio.StreamStreamCall:
+    ) -> grpc.aio.StreamStreamCall[Any, Any]:
         """Open a bidirectional stream (internal callers); the caller drives it."""
         call = self._channel.stream_stream(
             info.path,

@@ -1,18 +1,18 @@
 """Exceptions raised by the SDK, rebuilt from the server's `google.rpc.Status`.
 
-    ClassMeshError                 any failed call (code, message, reason, domain, metadata)
-    ├── InvalidArgumentError       INVALID_ARGUMENT (field_violations from BadRequest)
-    ├── NotFoundError              NOT_FOUND
-    ├── AlreadyExistsError         ALREADY_EXISTS (e.g. IDEMPOTENCY_KEY_REUSED)
-    ├── AbortedError               ABORTED
-    ├── FailedPreconditionError    FAILED_PRECONDITION (TOO_EARLY, SESSION_ENDED, ...)
-    ├── PermissionDeniedError      PERMISSION_DENIED
-    ├── UnauthenticatedError       UNAUTHENTICATED
-    ├── ResourceExhaustedError     RESOURCE_EXHAUSTED (retry_after from RetryInfo)
-    ├── UnavailableError           UNAVAILABLE (retry_after from RetryInfo)
-    ├── DeadlineExceededError      DEADLINE_EXCEEDED
-    ├── UnimplementedError         UNIMPLEMENTED
-    └── InternalError              INTERNAL / UNKNOWN / anything else
+ClassMeshError                 any failed call (code, message, reason, domain, metadata)
+├── InvalidArgumentError       INVALID_ARGUMENT (field_violations from BadRequest)
+├── NotFoundError              NOT_FOUND
+├── AlreadyExistsError         ALREADY_EXISTS (e.g. IDEMPOTENCY_KEY_REUSED)
+├── AbortedError               ABORTED
+├── FailedPreconditionError    FAILED_PRECONDITION (TOO_EARLY, SESSION_ENDED, ...)
+├── PermissionDeniedError      PERMISSION_DENIED
+├── UnauthenticatedError       UNAUTHENTICATED
+├── ResourceExhaustedError     RESOURCE_EXHAUSTED (retry_after from RetryInfo)
+├── UnavailableError           UNAVAILABLE (retry_after from RetryInfo)
+├── DeadlineExceededError      DEADLINE_EXCEEDED
+├── UnimplementedError         UNIMPLEMENTED
+└── InternalError              INTERNAL / UNKNOWN / anything else
 """
 
 from __future__ import annotations

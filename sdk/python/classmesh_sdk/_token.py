@@ -1,11 +1,11 @@
 """Access tokens (JWT, HS256) minted with a tenant API key, LiveKit style.
 
-    token = (AccessToken(key_id, secret)
-             .with_tenant(tenant_id)
-             .with_identity("u-42", "Ada")
-             .with_grants(session=session_id, role="student", caps=["subscribe", "chat"])
-             .with_ttl(timedelta(hours=1))
-             .to_jwt())
+token = (AccessToken(key_id, secret)
+         .with_tenant(tenant_id)
+         .with_identity("u-42", "Ada")
+         .with_grants(session=session_id, role="student", caps=["subscribe", "chat"])
+         .with_ttl(timedelta(hours=1))
+         .to_jwt())
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ Token format (JWS compact, HS256 only)::
 Verification pins the algorithm to HS256 (so `alg=none`, RS256 key confusion and every
 other algorithm are refused before any key is looked up) and accepts `leeway_seconds` (60 by
 default) of clock skew on `exp`, `nbf` and `iat`. Failures are `Unauthenticated` with reason
-TOKEN_MISSING, TOKEN_INVALID, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID or UNKNOWN_KEY.
+TOKEN_MISSING, TOKEN_INVALID, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID or API_KEY_UNKNOWN.
 
 Keys are cached in-process for `cache_ttl` seconds (10 by default): a revoked key keeps
 verifying on an instance for at most that long after `revoked_at` is set. Lookups of unknown
@@ -356,7 +356,7 @@ class KeyStore:
         key = await self.get_key(kid)
         now = self._clock()
         if key is None or (key.revoked_at is not None and key.revoked_at.timestamp() <= now):
-            raise Unauthenticated("UNKNOWN_KEY", "unknown or revoked API key")
+            raise Unauthenticated("API_KEY_UNKNOWN", "unknown or revoked API key")
 
         try:
             claims: dict[str, Any] = jwt.decode(

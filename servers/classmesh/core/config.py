@@ -136,5 +136,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     if cfg.idempotency_ttl_hours < 24:
         raise ConfigError("CLASSMESH_IDEMPOTENCY_TTL_HOURS must be at least 24")
     if cfg.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ConfigError(f"CLASSMESH_LOG_LEVEL={cfg.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
+        raise ConfigError(
+            f"CLASSMESH_LOG_LEVEL={cfg.log_level!r}: use DEBUG, INFO, WARNING or ERROR"
+        )
     return cfg

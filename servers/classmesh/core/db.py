@@ -13,7 +13,7 @@ from typing import Any, Literal, cast
 
 import asyncpg
 
-__all__ = ["create_pool", "transaction", "init_connection"]
+__all__ = ["connection", "create_pool", "transaction", "init_connection"]
 
 IsolationLevel = Literal["read_committed", "repeatable_read", "serializable"]
 
@@ -64,3 +64,10 @@ async def transaction(
             # The pool hands out a proxy that forwards every Connection method; stores are
             # typed against Connection, so present it as one.
             yield cast(asyncpg.Connection, conn)
+
+
+@asynccontextmanager
+async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """Borrow a connection outside a transaction (single-statement reads)."""
+    async with pool.acquire() as conn:
+        yield cast(asyncpg.Connection, conn)

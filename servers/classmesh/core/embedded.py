@@ -54,7 +54,7 @@ def _start_postgres(data_dir: Path) -> tuple[str, object]:
 
     pgdata = data_dir / "pg"
     pgdata.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
     # One database for ClassMesh inside the embedded cluster.
     try:
         server.psql("CREATE DATABASE classmesh;")

@@ -17,6 +17,7 @@ a status with `from_exception` + `to_status`, so no exception ever reaches grpc 
           ├── ResourceExhausted      RESOURCE_EXHAUSTED  + RetryInfo (+ QuotaFailure)
           ├── Unavailable            UNAVAILABLE         + RetryInfo
           ├── DeadlineExceeded       DEADLINE_EXCEEDED
+          ├── Unimplemented          UNIMPLEMENTED       (NOT_IMPLEMENTED)
           └── Internal               INTERNAL            (correlation id, nothing else)
 
 Foreign exceptions that escape a handler are mapped by `from_exception`:
@@ -30,6 +31,7 @@ Foreign exceptions that escape a handler are mapped by `from_exception`:
     asyncpg serialization/deadlock  -> ABORTED / CONCURRENT_MODIFICATION (safe to retry)
     TimeoutError, query cancelled   -> DEADLINE_EXCEEDED
     PostgreSQL/Redis connection     -> UNAVAILABLE / BACKEND_UNAVAILABLE + RetryInfo
+    NotImplementedError             -> UNIMPLEMENTED / NOT_IMPLEMENTED (generated base servicer)
     grpc.aio.AioRpcError (a peer)   -> rebuilt from its status (see `from_rpc_error`)
     anything else                   -> INTERNAL "internal error; correlation id <id>"
 
@@ -52,7 +54,7 @@ import grpc
 import redis.exceptions
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from classmesh.core import logs
@@ -65,6 +67,7 @@ __all__ = [
     "DeadlineExceeded",
     "FailedPrecondition",
     "Internal",
+    "Unimplemented",
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
@@ -315,6 +318,15 @@ class DeadlineExceeded(ClassMeshError):
     default_message = "deadline exceeded"
 
 
+class Unimplemented(ClassMeshError):
+    """The RPC exists in the API but this deployment does not implement it yet (the README
+    status table lists which)."""
+
+    default_code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "NOT_IMPLEMENTED"
+    default_message = "this RPC is not implemented yet; see the README status table"
+
+
 class Internal(ClassMeshError):
     """A bug or an unexpected failure. The client sees only the correlation id; the log
     line with the same id has the traceback."""
@@ -470,6 +482,9 @@ def from_exception(exc: BaseException) -> ClassMeshError:
     """The ClassMesh error for any exception that escaped a handler (never raises)."""
     if isinstance(exc, ClassMeshError):
         return exc
+    if isinstance(exc, NotImplementedError):
+        # The generated base servicer raises it for every RPC a service does not override.
+        return Unimplemented()
     reused, in_progress, bad_request_id = _idempotency_errors()
     if isinstance(exc, reused):
         return AlreadyExists(

@@ -234,7 +234,39 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_SHUTTING_DOWN: _ErrorReason.ValueType  # 81
     """UNAVAILABLE: the server is shutting down (SIGTERM); reconnect elsewhere."""
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 82
-    """INTERNAL: unexpected error; ErrorInfo.metadata["correlation_id"] is in the server log."""
+    """INTERNAL: unexpected error; ErrorInfo.metadata["correlationId"] is in the server log."""
+    ERROR_REASON_NOT_IMPLEMENTED: _ErrorReason.ValueType  # 83
+    """UNIMPLEMENTED: the RPC is part of the API but this deployment does not implement it
+    yet (the README status table lists which).
+    """
+    ERROR_REASON_BACKEND_UNAVAILABLE: _ErrorReason.ValueType  # 84
+    """UNAVAILABLE: PostgreSQL or Redis is unreachable; RetryInfo says when to retry."""
+    ERROR_REASON_UNAVAILABLE: _ErrorReason.ValueType  # 85
+    """UNAVAILABLE: a generic transient failure; RetryInfo says when to retry."""
+    ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 86
+    """DEADLINE_EXCEEDED: the call's deadline passed (or a query was cancelled) first."""
+    ERROR_REASON_CONCURRENT_MODIFICATION: _ErrorReason.ValueType  # 87
+    """ABORTED: a concurrent change conflicted with this one (serialization failure or
+    deadlock); retrying is safe.
+    """
+    ERROR_REASON_CONSTRAINT_VIOLATED: _ErrorReason.ValueType  # 88
+    """FAILED_PRECONDITION: the change violates a database invariant (check, exclusion or
+    foreign-key constraint) not caught by validation.
+    """
+    ERROR_REASON_IDEMPOTENCY_KEY_IN_PROGRESS: _ErrorReason.ValueType  # 89
+    """--- idempotency and tokens (continued) ---
+    ABORTED: a request with this request_id is still being processed; retry shortly.
+    """
+    ERROR_REASON_TOKEN_NOT_YET_VALID: _ErrorReason.ValueType  # 90
+    """UNAUTHENTICATED: the token's nbf (or iat) lies more than the 60 s leeway in the future."""
+    ERROR_REASON_ABORTED: _ErrorReason.ValueType  # 91
+    """Fallback reasons used only when a more specific reason does not apply.
+    ABORTED without a more specific reason.
+    """
+    ERROR_REASON_FAILED_PRECONDITION: _ErrorReason.ValueType  # 92
+    """FAILED_PRECONDITION without a more specific reason."""
+    ERROR_REASON_RESOURCE_EXHAUSTED: _ErrorReason.ValueType  # 93
+    """RESOURCE_EXHAUSTED without a more specific reason."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason a ClassMesh service puts in google.rpc.ErrorInfo.reason (domain
@@ -371,7 +403,39 @@ with after_seq = the last seq received.
 ERROR_REASON_SHUTTING_DOWN: ErrorReason.ValueType  # 81
 """UNAVAILABLE: the server is shutting down (SIGTERM); reconnect elsewhere."""
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 82
-"""INTERNAL: unexpected error; ErrorInfo.metadata["correlation_id"] is in the server log."""
+"""INTERNAL: unexpected error; ErrorInfo.metadata["correlationId"] is in the server log."""
+ERROR_REASON_NOT_IMPLEMENTED: ErrorReason.ValueType  # 83
+"""UNIMPLEMENTED: the RPC is part of the API but this deployment does not implement it
+yet (the README status table lists which).
+"""
+ERROR_REASON_BACKEND_UNAVAILABLE: ErrorReason.ValueType  # 84
+"""UNAVAILABLE: PostgreSQL or Redis is unreachable; RetryInfo says when to retry."""
+ERROR_REASON_UNAVAILABLE: ErrorReason.ValueType  # 85
+"""UNAVAILABLE: a generic transient failure; RetryInfo says when to retry."""
+ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 86
+"""DEADLINE_EXCEEDED: the call's deadline passed (or a query was cancelled) first."""
+ERROR_REASON_CONCURRENT_MODIFICATION: ErrorReason.ValueType  # 87
+"""ABORTED: a concurrent change conflicted with this one (serialization failure or
+deadlock); retrying is safe.
+"""
+ERROR_REASON_CONSTRAINT_VIOLATED: ErrorReason.ValueType  # 88
+"""FAILED_PRECONDITION: the change violates a database invariant (check, exclusion or
+foreign-key constraint) not caught by validation.
+"""
+ERROR_REASON_IDEMPOTENCY_KEY_IN_PROGRESS: ErrorReason.ValueType  # 89
+"""--- idempotency and tokens (continued) ---
+ABORTED: a request with this request_id is still being processed; retry shortly.
+"""
+ERROR_REASON_TOKEN_NOT_YET_VALID: ErrorReason.ValueType  # 90
+"""UNAUTHENTICATED: the token's nbf (or iat) lies more than the 60 s leeway in the future."""
+ERROR_REASON_ABORTED: ErrorReason.ValueType  # 91
+"""Fallback reasons used only when a more specific reason does not apply.
+ABORTED without a more specific reason.
+"""
+ERROR_REASON_FAILED_PRECONDITION: ErrorReason.ValueType  # 92
+"""FAILED_PRECONDITION without a more specific reason."""
+ERROR_REASON_RESOURCE_EXHAUSTED: ErrorReason.ValueType  # 93
+"""RESOURCE_EXHAUSTED without a more specific reason."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

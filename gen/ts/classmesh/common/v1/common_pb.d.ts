@@ -673,11 +673,93 @@ export enum ErrorReason {
   SHUTTING_DOWN = 81,
 
   /**
-   * INTERNAL: unexpected error; ErrorInfo.metadata["correlation_id"] is in the server log.
+   * INTERNAL: unexpected error; ErrorInfo.metadata["correlationId"] is in the server log.
    *
    * @generated from enum value: ERROR_REASON_INTERNAL = 82;
    */
   INTERNAL = 82,
+
+  /**
+   * UNIMPLEMENTED: the RPC is part of the API but this deployment does not implement it
+   * yet (the README status table lists which).
+   *
+   * @generated from enum value: ERROR_REASON_NOT_IMPLEMENTED = 83;
+   */
+  NOT_IMPLEMENTED = 83,
+
+  /**
+   * UNAVAILABLE: PostgreSQL or Redis is unreachable; RetryInfo says when to retry.
+   *
+   * @generated from enum value: ERROR_REASON_BACKEND_UNAVAILABLE = 84;
+   */
+  BACKEND_UNAVAILABLE = 84,
+
+  /**
+   * UNAVAILABLE: a generic transient failure; RetryInfo says when to retry.
+   *
+   * @generated from enum value: ERROR_REASON_UNAVAILABLE = 85;
+   */
+  UNAVAILABLE = 85,
+
+  /**
+   * DEADLINE_EXCEEDED: the call's deadline passed (or a query was cancelled) first.
+   *
+   * @generated from enum value: ERROR_REASON_DEADLINE_EXCEEDED = 86;
+   */
+  DEADLINE_EXCEEDED = 86,
+
+  /**
+   * ABORTED: a concurrent change conflicted with this one (serialization failure or
+   * deadlock); retrying is safe.
+   *
+   * @generated from enum value: ERROR_REASON_CONCURRENT_MODIFICATION = 87;
+   */
+  CONCURRENT_MODIFICATION = 87,
+
+  /**
+   * FAILED_PRECONDITION: the change violates a database invariant (check, exclusion or
+   * foreign-key constraint) not caught by validation.
+   *
+   * @generated from enum value: ERROR_REASON_CONSTRAINT_VIOLATED = 88;
+   */
+  CONSTRAINT_VIOLATED = 88,
+
+  /**
+   * --- idempotency and tokens (continued) ---
+   * ABORTED: a request with this request_id is still being processed; retry shortly.
+   *
+   * @generated from enum value: ERROR_REASON_IDEMPOTENCY_KEY_IN_PROGRESS = 89;
+   */
+  IDEMPOTENCY_KEY_IN_PROGRESS = 89,
+
+  /**
+   * UNAUTHENTICATED: the token's nbf (or iat) lies more than the 60 s leeway in the future.
+   *
+   * @generated from enum value: ERROR_REASON_TOKEN_NOT_YET_VALID = 90;
+   */
+  TOKEN_NOT_YET_VALID = 90,
+
+  /**
+   * Fallback reasons used only when a more specific reason does not apply.
+   * ABORTED without a more specific reason.
+   *
+   * @generated from enum value: ERROR_REASON_ABORTED = 91;
+   */
+  ABORTED = 91,
+
+  /**
+   * FAILED_PRECONDITION without a more specific reason.
+   *
+   * @generated from enum value: ERROR_REASON_FAILED_PRECONDITION = 92;
+   */
+  FAILED_PRECONDITION = 92,
+
+  /**
+   * RESOURCE_EXHAUSTED without a more specific reason.
+   *
+   * @generated from enum value: ERROR_REASON_RESOURCE_EXHAUSTED = 93;
+   */
+  RESOURCE_EXHAUSTED = 93,
 }
 
 /**

@@ -1,0 +1,204 @@
+"""The `classmesh` command: run the mesh, migrate, manage tenants, mint tokens."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+
+import asyncpg
+
+from classmesh.core.config import Config, ConfigError, load_config
+from classmesh.core.logs import configure_logging
+
+__all__ = ["main"]
+
+log = logging.getLogger("classmesh.cli")
+
+ALL_CAPS = ["publish", "subscribe", "chat", "moderate", "record", "admin"]
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+async def _resolve_backends(cfg: Config) -> tuple[str, str, object | None]:
+    """DSN and Redis URL to use, starting embedded servers for whatever is unset."""
+    if cfg.database_url and cfg.redis_url:
+        return cfg.database_url, cfg.redis_url, None
+    from classmesh.core.embedded import start_embedded
+
+    embedded = await asyncio.to_thread(
+        start_embedded,
+        cfg.data_dir,
+        need_database=cfg.database_url is None,
+        need_redis=cfg.redis_url is None,
+    )
+    dsn = cfg.database_url or embedded.database_url
+    url = cfg.redis_url or embedded.redis_url
+    assert dsn is not None and url is not None
+    return dsn, url, embedded
+
+
+async def _migrate(dsn: str) -> list[str]:
+    from classmesh.core.migrate import migrate_up
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate_up(conn)
+    finally:
+        await conn.close()
+
+
+async def _serve(cfg: Config, shorts: Sequence[str], *, dev_token: bool) -> int:
+    from classmesh.core.runtime import open_runtime
+    from classmesh.core.server import start_server, wait_for_shutdown
+
+    dsn, redis_url, embedded = await _resolve_backends(cfg)
+    try:
+        applied = await _migrate(dsn)
+        if applied:
+            log.info("migrations applied", extra={"migrations": applied})
+        runtime = await open_runtime(cfg, database_url=dsn, redis_url=redis_url)
+        try:
+            mesh = await start_server(runtime, shorts, cfg.listen)
+            host = cfg.listen.rsplit(":", 1)[0]
+            _print(f"grpc: {host}:{mesh.port}")
+            if dev_token:
+                from classmesh.admin.service import dev_bootstrap
+
+                boot = await dev_bootstrap(runtime.pool, cfg.dev_tenant)
+                _print(f"tenant: {boot.tenant_id}")
+                _print(f"token: {boot.token}")
+            _print("ready: " + ", ".join(mesh.services))
+            sig = await wait_for_shutdown()
+            log.info("shutting down", extra={"signal": sig})
+            await mesh.stop(cfg.shutdown_grace_seconds)
+        finally:
+            await runtime.close()
+    finally:
+        stop = getattr(embedded, "stop", None)
+        if callable(stop):
+            await asyncio.to_thread(stop)
+    return 0
+
+
+async def _tenant_create(cfg: Config, name: str) -> int:
+    from classmesh.admin.service import create_tenant_with_key
+
+    dsn, _redis, embedded = await _resolve_backends(cfg)
+    try:
+        await _migrate(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            created = await create_tenant_with_key(conn, name)
+        finally:
+            await conn.close()
+    finally:
+        stop = getattr(embedded, "stop", None)
+        if callable(stop):
+            await asyncio.to_thread(stop)
+    _print(f"tenant_id: {created.tenant_id}")
+    _print(f"key_id: {created.key_id}")
+    _print(f"secret: {created.secret}")
+    return 0
+
+
+async def _migrate_command(cfg: Config, action: str, steps: int) -> int:
+    from classmesh.core.migrate import run_migrate_command
+
+    dsn, _redis, embedded = await _resolve_backends(cfg)
+    try:
+        _print(await run_migrate_command(dsn, action, steps))
+    finally:
+        stop = getattr(embedded, "stop", None)
+        if callable(stop):
+            await asyncio.to_thread(stop)
+    return 0
+
+
+def _mint(args: argparse.Namespace) -> int:
+    from classmesh.core.auth import AccessToken
+
+    caps = [c for c in (args.caps or "").split(",") if c]
+    token = (
+        AccessToken(args.key_id, args.secret)
+        .with_tenant(args.tenant)
+        .with_identity(args.sub, args.name or args.sub)
+        .with_grants(session=args.session, role=args.role, caps=caps)
+        .with_ttl(timedelta(seconds=args.ttl))
+        .to_jwt()
+    )
+    _print(token)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="classmesh", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run every service on one port (embedded PostgreSQL/Redis if unset)")
+    serve = sub.add_parser("serve", help="run one service")
+    serve.add_argument("service", choices=sorted(_services()))
+    sub.add_parser("config", help="print the effective configuration (secrets masked)")
+    mig = sub.add_parser("migrate", help="apply or roll back database migrations")
+    mig.add_argument("action", choices=["up", "down", "status"])
+    mig.add_argument("--steps", type=int, default=1, help="migrations to roll back (down)")
+    tenant = sub.add_parser("tenant", help="manage tenants")
+    tsub = tenant.add_subparsers(dest="tenant_command", required=True)
+    tc = tsub.add_parser("create", help="create a tenant and print its API key id and secret")
+    tc.add_argument("name")
+    token = sub.add_parser("token", help="access tokens")
+    ksub = token.add_subparsers(dest="token_command", required=True)
+    mint = ksub.add_parser("mint", help="mint an access token (JWT, HS256)")
+    mint.add_argument("--key-id", required=True, help="API key id (JWT kid)")
+    mint.add_argument("--secret", required=True, help="API key secret")
+    mint.add_argument("--tenant", required=True, help="tenant id")
+    mint.add_argument("--sub", required=True, help="user id")
+    mint.add_argument("--name", default="", help="display name")
+    mint.add_argument(
+        "--role",
+        default="student",
+        choices=["instructor", "assistant", "student", "guest", "admin"],
+    )
+    mint.add_argument("--session", default="*", help="session id, or * for any")
+    mint.add_argument("--caps", default="subscribe,chat", help="comma-separated capabilities")
+    mint.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    return p
+
+
+def _services() -> list[str]:
+    from classmesh.core.server import SERVICES
+
+    return list(SERVICES)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config()
+    except ConfigError as exc:
+        print(f"classmesh: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(cfg.log_level)
+    if args.command == "config":
+        _print(json.dumps(cfg.masked(), indent=2))
+        return 0
+    if args.command == "token":
+        return _mint(args)
+    if args.command == "up":
+        return asyncio.run(_serve(cfg, _services(), dev_token=True))
+    if args.command == "serve":
+        return asyncio.run(_serve(cfg, [args.service], dev_token=False))
+    if args.command == "migrate":
+        return asyncio.run(_migrate_command(cfg, args.action, args.steps))
+    if args.command == "tenant":
+        return asyncio.run(_tenant_create(cfg, args.name))
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
