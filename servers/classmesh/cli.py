@@ -184,6 +184,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"classmesh: {exc}", file=sys.stderr)
         return 2
     configure_logging(cfg.log_level)
+    try:
+        return _dispatch(args, cfg)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line for operators; details in the JSON log
+        from classmesh.core.errors import ClassMeshError, from_exception
+
+        err = exc if isinstance(exc, ClassMeshError) else from_exception(exc)
+        log.debug("command failed", exc_info=True)
+        print(f"classmesh: {err.message} [{err.reason}]", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
     if args.command == "config":
         _print(json.dumps(cfg.masked(), indent=2))
         return 0

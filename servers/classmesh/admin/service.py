@@ -11,7 +11,7 @@ import asyncpg
 from classmesh.admin.store import AdminStore, ApiKeyRow, TenantRow
 from classmesh.core.auth import AccessToken, Principal, require
 from classmesh.core.db import transaction
-from classmesh.core.errors import NotFound, Validator
+from classmesh.core.errors import AlreadyExists, NotFound, Validator
 
 __all__ = [
     "AdminService",
@@ -123,6 +123,8 @@ async def create_tenant_with_key(conn: asyncpg.Connection, name: str) -> Created
     v.raise_if_any()
     store = AdminStore()
     async with conn.transaction():
+        if await store.get_tenant_by_name(conn, name.strip()) is not None:
+            raise AlreadyExists("ALREADY_EXISTS", f"tenant {name.strip()!r} already exists")
         tenant = await store.insert_tenant(conn, name.strip())
         key_id, secret = new_key_id(), new_secret()
         row = await store.insert_api_key(
