@@ -53,6 +53,14 @@ async def test_denied_then_allowed_after_retry_after(limiter: RateLimiter) -> No
     assert again.allowed
 
 
+async def test_huge_rate_never_sets_a_zero_expiry(limiter: RateLimiter) -> None:
+    # At billions per minute the step rounds to 0 ms; the key must still get a valid TTL.
+    key = new_key()
+    for _ in range(5):
+        decision = await limiter.hit(key, rate_per_minute=2_000_000_000, burst=1)
+        assert decision.allowed
+
+
 async def test_cost(limiter: RateLimiter) -> None:
     key = new_key()
     first = await limiter.hit(key, rate_per_minute=1, burst=5, cost=3)
