@@ -57,7 +57,8 @@ if allow_at > now then
   if remaining < 0 then remaining = 0 end
   return {0, remaining, math.ceil(allow_at - now)}
 end
-redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
+local ttl_ms = math.max(1, math.ceil((new_tat - now) / 1000))
+redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', ttl_ms)
 local remaining = math.floor((now - allow_at) / interval)
 local retry = 0
 if remaining < 1 then retry = math.ceil(allow_at + interval - now) end
