@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import uuid
-from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -17,26 +15,7 @@ from classmesh.core.events import (
     last_seq,
     read_events,
 )
-
-
-async def insert_tenant(conn: asyncpg.Connection | asyncpg.Pool) -> str:
-    tenant_id = await conn.fetchval(
-        "INSERT INTO tenants (name) VALUES ($1) RETURNING id", f"t-{secrets.token_hex(6)}"
-    )
-    return str(tenant_id)
-
-
-async def insert_session(conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str) -> str:
-    start = datetime.now(UTC) + timedelta(hours=1)
-    session_id = await conn.fetchval(
-        "INSERT INTO sessions (tenant_id, title, instructor_id, scheduled_start, scheduled_end, "
-        "join_link_token) VALUES ($1, 'Event log test', 'teacher-1', $2, $3, $4) RETURNING id",
-        uuid.UUID(tenant_id),
-        start,
-        start + timedelta(hours=1),
-        secrets.token_hex(32),
-    )
-    return str(session_id)
+from tests.support.db import insert_session, insert_tenant
 
 
 async def _append_one(

@@ -5,11 +5,37 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
 from classmesh.core.events import EventRecord, append_event
+
+
+async def insert_tenant(conn: asyncpg.Connection | asyncpg.Pool) -> str:
+    """A new tenant with a unique name; returns its id."""
+    tenant_id = await conn.fetchval(
+        "INSERT INTO tenants (name) VALUES ($1) RETURNING id", f"t-{secrets.token_hex(6)}"
+    )
+    return str(tenant_id)
+
+
+async def insert_session(
+    conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str, title: str = "Test class"
+) -> str:
+    """A scheduled session of `tenant_id` starting in an hour; returns its id."""
+    start = datetime.now(UTC) + timedelta(hours=1)
+    session_id = await conn.fetchval(
+        "INSERT INTO sessions (tenant_id, title, instructor_id, scheduled_start, scheduled_end, "
+        "join_link_token) VALUES ($1, $2, 'teacher-1', $3, $4, $5) RETURNING id",
+        uuid.UUID(tenant_id),
+        title,
+        start,
+        start + timedelta(hours=1),
+        secrets.token_hex(32),
+    )
+    return str(session_id)
 
 
 async def make_session(pool: asyncpg.Pool) -> tuple[str, str]:
