@@ -319,3 +319,26 @@ def test_current_principal_needs_an_authenticated_call() -> None:
         return current_principal()
 
     assert asyncio.run(inside()).subject == "u1"
+
+
+async def test_verified_token_cache_respects_expiry_and_invalidation() -> None:
+    now = [NOW]
+    ks = StaticKeyStore([KEY], clock=lambda: now[0], cache_ttl=60.0)
+    tok = token(exp=NOW + 30)
+    first = await ks.verify(tok)
+    # The key disappears: the cached verification still stands (same window as the key cache).
+    ks.keys.clear()
+    assert await ks.verify(tok) == first
+    # Past exp + leeway the cached entry is not trusted: the token is verified afresh.
+    now[0] = NOW + 30 + 61
+    with pytest.raises(Unauthenticated):
+        await ks.verify(tok)
+    # invalidate() forgets verified tokens too.
+    now[0] = NOW
+    ks.keys[KEY.key_id] = KEY
+    await ks.verify(tok)
+    ks.keys.clear()
+    ks.invalidate(KEY.key_id)
+    with pytest.raises(Unauthenticated) as info:
+        await ks.verify(tok)
+    assert info.value.reason == "API_KEY_UNKNOWN"

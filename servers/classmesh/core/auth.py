@@ -304,6 +304,11 @@ class KeyStore:
         self.cache_ttl = float(cache_ttl)
         self._clock = clock
         self._cache: dict[str, tuple[ApiKey | None, float]] = {}
+        # token -> (principal, monotonic time verified, exp). Verifying a JWT (HMAC, JSON,
+        # claim checks) is a large share of a small RPC's cost; a token already verified
+        # is trusted again for at most `cache_ttl`, the same window a cached key gets, so
+        # revocation takes effect no later than without this cache.
+        self._verified: dict[str, tuple[Principal, float, float]] = {}
 
     async def _fetch(self, key_id: str) -> ApiKey | None:
         if self._pool is None:
@@ -340,9 +345,28 @@ class KeyStore:
             self._cache.clear()
         else:
             self._cache.pop(key_id, None)
+        self._verified.clear()
 
     async def verify(self, token: str) -> Principal:
         """The principal of a valid token; `Unauthenticated` for anything else."""
+        hit = self._verified.get(token)
+        if hit is not None:
+            principal, verified_at, exp = hit
+            if (
+                time.monotonic() - verified_at < self.cache_ttl
+                and self._clock() < exp + self.leeway
+            ):
+                return principal
+            del self._verified[token]
+        principal = await self._verify(token)
+        if self.cache_ttl > 0:
+            if len(self._verified) >= self.max_cache_entries:
+                self._verified.clear()
+            exp = principal.expires_at.timestamp()
+            self._verified[token] = (principal, time.monotonic(), exp)
+        return principal
+
+    async def _verify(self, token: str) -> Principal:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
