@@ -370,7 +370,9 @@ class Session(_message.Message):
     kind: Global___SessionKind.ValueType
     """Class or study room."""
     capacity: _builtins.int
-    """Capacity, 1-1000 seats (admitted participants counted; default 500, study rooms 50)."""
+    """Capacity, 1-1000 seats (default 500, study rooms 50). A participant in the LOBBY, ADMITTED,
+    or DISCONNECTED within the reconnect grace window holds a seat.
+    """
     recording_enabled: _builtins.bool
     """Whether recording is allowed for this session (default true)."""
     lms_course_ref: _builtins.str
@@ -382,7 +384,9 @@ class Session(_message.Message):
     and admins of the session; empty for everyone else and in events.
     """
     current_occupancy: _builtins.int
-    """Participants currently admitted and present (ADMITTED or DISCONNECTED in grace), 0-capacity."""
+    """Seats held right now (participants in LOBBY, ADMITTED or DISCONNECTED within the grace
+    window), 0-capacity.
+    """
     available_spots: _builtins.int
     """capacity - current_occupancy, never negative."""
     lobby_count: _builtins.int
@@ -555,6 +559,7 @@ class Participant(_message.Message):
     REMOVAL_REASON_FIELD_NUMBER: _builtins.int
     STUDY_SESSION_ID_FIELD_NUMBER: _builtins.int
     HAND_RAISED_FIELD_NUMBER: _builtins.int
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Participant id (UUID)."""
     session_id: _builtins.str
@@ -587,6 +592,11 @@ class Participant(_message.Message):
     """Optional id of the caller's own study session linked to this visit (seed 003), 0-128 characters."""
     hand_raised: _builtins.bool
     """Whether the participant's hand is currently raised (mirror of the interaction service)."""
+    connection_id: _builtins.str
+    """Id (UUID) of the participant's current connection: every JoinSession hands out a new one,
+    so a client whose connection was replaced by a newer join (another tab) sees a different
+    id in ParticipantReconnected.
+    """
     @_builtins.property
     def permissions(self) -> Global___ParticipantPermissions:
         """What the participant may do."""
@@ -636,10 +646,11 @@ class Participant(_message.Message):
         removal_reason: _builtins.str = ...,
         study_session_id: _builtins.str = ...,
         hand_raised: _builtins.bool = ...,
+        connection_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["admitted_at", b"admitted_at", "joined_at", b"joined_at", "last_seen_at", b"last_seen_at", "left_at", b"left_at", "permissions", b"permissions", "total_connected", b"total_connected"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admitted_at", b"admitted_at", "audio_muted", b"audio_muted", "breakout_room_id", b"breakout_room_id", "connection_state", b"connection_state", "display_name", b"display_name", "guest", b"guest", "hand_raised", b"hand_raised", "id", b"id", "join_count", b"join_count", "joined_at", b"joined_at", "last_seen_at", b"last_seen_at", "left_at", b"left_at", "permissions", b"permissions", "removal_reason", b"removal_reason", "role", b"role", "screen_muted", b"screen_muted", "session_id", b"session_id", "status", b"status", "study_session_id", b"study_session_id", "total_connected", b"total_connected", "user_id", b"user_id", "video_muted", b"video_muted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admitted_at", b"admitted_at", "audio_muted", b"audio_muted", "breakout_room_id", b"breakout_room_id", "connection_id", b"connection_id", "connection_state", b"connection_state", "display_name", b"display_name", "guest", b"guest", "hand_raised", b"hand_raised", "id", b"id", "join_count", b"join_count", "joined_at", b"joined_at", "last_seen_at", b"last_seen_at", "left_at", b"left_at", "permissions", b"permissions", "removal_reason", b"removal_reason", "role", b"role", "screen_muted", b"screen_muted", "session_id", b"session_id", "status", b"status", "study_session_id", b"study_session_id", "total_connected", b"total_connected", "user_id", b"user_id", "video_muted", b"video_muted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1017,7 +1028,7 @@ class StudyRoom(_message.Message):
     capacity: _builtins.int
     """Capacity, 1-1000 (default 50)."""
     current_occupancy: _builtins.int
-    """Participants present, 0-capacity."""
+    """Seats held (participants present or within the reconnect grace window), 0-capacity."""
     available_spots: _builtins.int
     """capacity - current_occupancy, >= 0."""
     status: Global___SessionStatus.ValueType

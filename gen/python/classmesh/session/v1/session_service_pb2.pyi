@@ -863,7 +863,7 @@ class AdmitParticipantsResponse(_message.Message):
     CAPACITY_SKIPPED_USER_IDS_FIELD_NUMBER: _builtins.int
     CURRENT_OCCUPANCY_FIELD_NUMBER: _builtins.int
     current_occupancy: _builtins.int
-    """Admitted participants present after the call."""
+    """Seats held after the call (Session.current_occupancy)."""
     @_builtins.property
     def admitted(self) -> _containers.RepeatedCompositeFieldContainer[_session_pb2.Participant]:
         """Participants admitted by this call."""
@@ -874,7 +874,9 @@ class AdmitParticipantsResponse(_message.Message):
 
     @_builtins.property
     def capacity_skipped_user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Lobby user ids not admitted because the session is full."""
+        """Lobby user ids not admitted because the session is full (lobby participants already
+        hold a seat, so this stays empty; kept for clients written against a seatless lobby).
+        """
 
     def __init__(
         self,

@@ -196,7 +196,8 @@ export declare type Session = Message<"classmesh.session.v1.Session"> & {
   kind: SessionKind;
 
   /**
-   * Capacity, 1-1000 seats (admitted participants counted; default 500, study rooms 50).
+   * Capacity, 1-1000 seats (default 500, study rooms 50). A participant in the LOBBY, ADMITTED,
+   * or DISCONNECTED within the reconnect grace window holds a seat.
    *
    * @generated from field: int32 capacity = 12;
    */
@@ -239,7 +240,8 @@ export declare type Session = Message<"classmesh.session.v1.Session"> & {
   settings?: SessionSettings | undefined;
 
   /**
-   * Participants currently admitted and present (ADMITTED or DISCONNECTED in grace), 0-capacity.
+   * Seats held right now (participants in LOBBY, ADMITTED or DISCONNECTED within the grace
+   * window), 0-capacity.
    *
    * @generated from field: int32 current_occupancy = 18;
    */
@@ -557,6 +559,15 @@ export declare type Participant = Message<"classmesh.session.v1.Participant"> & 
    * @generated from field: bool hand_raised = 22;
    */
   handRaised: boolean;
+
+  /**
+   * Id (UUID) of the participant's current connection: every JoinSession hands out a new one,
+   * so a client whose connection was replaced by a newer join (another tab) sees a different
+   * id in ParticipantReconnected.
+   *
+   * @generated from field: string connection_id = 23;
+   */
+  connectionId: string;
 };
 
 /**
@@ -1064,7 +1075,7 @@ export declare type StudyRoom = Message<"classmesh.session.v1.StudyRoom"> & {
   capacity: number;
 
   /**
-   * Participants present, 0-capacity.
+   * Seats held (participants present or within the reconnect grace window), 0-capacity.
    *
    * @generated from field: int32 current_occupancy = 4;
    */

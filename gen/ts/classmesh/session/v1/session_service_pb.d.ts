@@ -924,14 +924,15 @@ export declare type AdmitParticipantsResponse = Message<"classmesh.session.v1.Ad
   skippedUserIds: string[];
 
   /**
-   * Lobby user ids not admitted because the session is full.
+   * Lobby user ids not admitted because the session is full (lobby participants already
+   * hold a seat, so this stays empty; kept for clients written against a seatless lobby).
    *
    * @generated from field: repeated string capacity_skipped_user_ids = 3;
    */
   capacitySkippedUserIds: string[];
 
   /**
-   * Admitted participants present after the call.
+   * Seats held after the call (Session.current_occupancy).
    *
    * @generated from field: int32 current_occupancy = 4;
    */
