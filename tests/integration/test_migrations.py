@@ -32,6 +32,7 @@ EXPECTED_MIGRATIONS = [
     "0004_interaction",
     "0005_recording",
     "0006_admin",
+    "0007_session_service",
 ]
 
 EXPECTED_TABLES = {
@@ -48,7 +49,7 @@ EXPECTED_TABLES = {
 EXPECTED_ENUMS = {
     "session_kind": ["class", "study_room"],
     "session_status": ["scheduled", "live", "ended", "cancelled"],
-    "participant_role": ["instructor", "assistant", "student", "guest"],
+    "participant_role": ["instructor", "assistant", "student", "guest", "admin"],
     "participant_status": ["lobby", "admitted", "removed", "left", "disconnected"],
     "leave_reason": ["left", "disconnected", "removed", "session_ended", "room_closed", "moved"],
     "breakout_room_status": ["open", "closed"],
@@ -77,11 +78,17 @@ EXPECTED_CHECKS = {
     "session_participants_connected_seconds_check", "session_participants_display_name_check",
     "session_participants_permissions_check", "session_participants_removed_reason_check",
     "session_participants_user_id_check",
+    "session_participants_join_count_check", "session_participants_lobby_wait_check",
+    "session_participants_study_session_id_check", "session_participants_email_check",
+    "sessions_media_router_id_check",
     "session_events_actor_check", "session_events_payload_check",
     "session_events_request_id_check", "session_events_seq_check", "session_events_type_check",
     "guest_tokens_display_name_check", "guest_tokens_expiry_check",
     "guest_tokens_token_hash_check",
     "session_logs_duration_check", "session_logs_times_check", "session_logs_user_id_check",
+    "session_logs_kind_check", "session_logs_visit_reason_check",
+    "session_logs_display_name_check", "session_logs_detail_check",
+    "session_logs_study_session_id_check",
     "session_analytics_counts_check", "session_analytics_metrics_check",
     "breakout_rooms_capacity_check", "breakout_rooms_closed_check",
     "breakout_rooms_closes_at_check", "breakout_rooms_name_check",
@@ -165,6 +172,8 @@ EXPECTED_INDEXES = {
     "session_participants_tenant_session_status_idx": ("session_participants", False),
     "session_participants_tenant_user_idx": ("session_participants", False),
     "session_participants_session_admitted_idx": ("session_participants", False),
+    "session_participants_presence_idx": ("session_participants", False),
+    "session_participants_grace_idx": ("session_participants", False),
     "session_events_tenant_created_idx": ("session_events", False),
     "guest_tokens_tenant_session_idx": ("guest_tokens", False),
     "session_logs_tenant_session_idx": ("session_logs", False),
@@ -332,7 +341,7 @@ async def test_status_and_command_output(empty_database_url: str) -> None:
         await migrate_up(conn, MIGRATIONS_DIR)
         await migrate_down(conn, MIGRATIONS_DIR, steps=2)
         assert await migration_status(conn, MIGRATIONS_DIR) == [
-            (name, i < 4) for i, name in enumerate(EXPECTED_MIGRATIONS)
+            (name, i < len(EXPECTED_MIGRATIONS) - 2) for i, name in enumerate(EXPECTED_MIGRATIONS)
         ]
     finally:
         await conn.close()
@@ -344,14 +353,15 @@ async def test_status_and_command_output(empty_database_url: str) -> None:
         "applied  0002_sessions",
         "applied  0003_breakout",
         "applied  0004_interaction",
-        "pending  0005_recording",
+        "applied  0005_recording",
         "pending  0006_admin",
+        "pending  0007_session_service",
     ]
     up = await run_migrate_command(empty_database_url, "up")
-    assert up.splitlines() == ["applied  0005_recording", "applied  0006_admin"]
+    assert up.splitlines() == ["applied  0006_admin", "applied  0007_session_service"]
     assert await run_migrate_command(empty_database_url, "up") == "already up to date"
     down = await run_migrate_command(empty_database_url, "down", steps=2)
-    assert down.splitlines() == ["reverted 0006_admin", "reverted 0005_recording"]
+    assert down.splitlines() == ["reverted 0007_session_service", "reverted 0006_admin"]
     with pytest.raises(ValueError):
         await run_migrate_command(empty_database_url, "sideways")
 
@@ -364,7 +374,7 @@ async def test_concurrent_runners_apply_each_migration_once(empty_database_url: 
         assert applied == EXPECTED_MIGRATIONS
         assert sorted(len(r) for r in results) == [0, 0, len(EXPECTED_MIGRATIONS)]
         rows = await conns[0].fetch("SELECT version FROM schema_migrations ORDER BY version")
-        assert [r["version"] for r in rows] == [1, 2, 3, 4, 5, 6]
+        assert [r["version"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
     finally:
         for c in conns:
             await c.close()
