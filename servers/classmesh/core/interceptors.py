@@ -203,6 +203,13 @@ class TelemetryInterceptor(ScopedInterceptor):
         # Set up front so a handler's own abort() keeps it; re-merged on success below.
         call.context.set_trailing_metadata(((logs.CORRELATION_ID_HEADER, cid),))
         started = time.perf_counter()
+        # Read the peer now: once a stream was cancelled and its handler closed, asking the
+        # finished call for its peer crashes grpcio's Cython context (a segfault, seen when
+        # a client drops a WatchSession stream).
+        try:
+            peer = call.context.peer()
+        except Exception:
+            peer = ""
         code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
         try:
             yield
@@ -216,7 +223,7 @@ class TelemetryInterceptor(ScopedInterceptor):
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
-            self._access_line(call, code, started, fields, cid)
+            self._access_line(call, code, started, fields, cid, peer)
 
     @staticmethod
     def _keep_correlation_id(context: Context, cid: str) -> None:
@@ -234,6 +241,7 @@ class TelemetryInterceptor(ScopedInterceptor):
         started: float,
         fields: logs.RpcLogFields,
         cid: str,
+        peer: str,
     ) -> None:
         level = (
             logging.ERROR
@@ -242,10 +250,6 @@ class TelemetryInterceptor(ScopedInterceptor):
             if code in _DEGRADED
             else logging.INFO
         )
-        try:
-            peer = call.context.peer()
-        except Exception:  # the peer is gone; the line still matters more
-            peer = ""
         self._log.log(
             level,
             "rpc",
@@ -318,14 +322,25 @@ class AuthInterceptor(ScopedInterceptor):
 
     Public methods (health, reflection, plus `public_methods`: full names such as
     `/pkg.Service/Method` or prefixes ending in `/`) run without a token.
+
+    `token_optional_methods` (full names) run without a token too, but a token that is sent
+    is verified like anywhere else (a bad one is UNAUTHENTICATED) and its principal set, so
+    the handler decides per request whether it needs one (JoinSession: guests through a
+    join link come without an account) and rate limits still apply to token holders.
     """
 
-    def __init__(self, key_store: KeyStore, public_methods: Collection[str] = ()) -> None:
+    def __init__(
+        self,
+        key_store: KeyStore,
+        public_methods: Collection[str] = (),
+        token_optional_methods: Collection[str] = (),
+    ) -> None:
         self._keys = key_store
         self._public_exact = frozenset(m for m in public_methods if not m.endswith("/"))
         self._public_prefixes = DEFAULT_PUBLIC_PREFIXES + tuple(
             m for m in public_methods if m.endswith("/")
         )
+        self._optional = frozenset(token_optional_methods)
 
     def is_public(self, method: str) -> bool:
         return method in self._public_exact or method.startswith(self._public_prefixes)
@@ -336,6 +351,9 @@ class AuthInterceptor(ScopedInterceptor):
             yield
             return
         header = call.header("authorization")
+        if not header and call.method in self._optional:
+            yield
+            return
         if not header:
             raise Unauthenticated("TOKEN_MISSING", "this call needs an access token")
         scheme, _, token = header.strip().partition(" ")

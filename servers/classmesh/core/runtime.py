@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import asyncpg
 import grpc
@@ -15,6 +17,8 @@ from classmesh.core.db import create_pool
 from classmesh.core.ratelimit import RateLimiter
 
 __all__ = ["Runtime", "open_runtime"]
+
+log = logging.getLogger("classmesh.runtime")
 
 
 @dataclass
@@ -30,14 +34,33 @@ class Runtime:
     limiter: RateLimiter
     keys: KeyStore
     _peer_channel: grpc.aio.Channel | None = None
+    _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Run `closer` first thing in `close()` (background tasks a servicer started)."""
+        self._closers.append(closer)
+
+    #: Where this process actually listens, set by the server once bound (the configured
+    #: listen address may say port 0); used for peer calls unless CLASSMESH_PEER_TARGET is set.
+    bound_target: str = ""
+
+    @property
+    def peer_target(self) -> str:
+        return self.config.peer_target or self.bound_target or self.config.listen
 
     def peer_channel(self) -> grpc.aio.Channel:
         """Channel to the mesh for service-to-service calls (generated stubs only)."""
         if self._peer_channel is None:
-            self._peer_channel = grpc.aio.insecure_channel(self.config.effective_peer_target)
+            self._peer_channel = grpc.aio.insecure_channel(self.peer_target)
         return self._peer_channel
 
     async def close(self) -> None:
+        closers, self._closers = self._closers, []
+        for closer in reversed(closers):
+            try:
+                await closer()
+            except Exception:  # one failing closer must not keep the pool open
+                log.exception("runtime closer failed")
         if self._peer_channel is not None:
             await self._peer_channel.close()
         await self.bus.close()

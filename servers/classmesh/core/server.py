@@ -44,6 +44,10 @@ SERVICES: dict[str, str] = {
     "admin": "classmesh.admin.v1.AdminService",
 }
 
+#: Methods callable without a bearer token (a token that is sent is still verified); the
+#: handler requires one unless the request does not need it (a guest join through a link).
+TOKEN_OPTIONAL_METHODS: tuple[str, ...] = ("/classmesh.session.v1.SessionService/JoinSession",)
+
 #: Keepalive and message limits (explicit, per STYLE rule 11).
 SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -112,7 +116,7 @@ async def start_server(runtime: Runtime, shorts: Sequence[str], listen: str) -> 
     interceptors = [
         TelemetryInterceptor(),
         ErrorInterceptor(),
-        AuthInterceptor(runtime.keys),
+        AuthInterceptor(runtime.keys, token_optional_methods=TOKEN_OPTIONAL_METHODS),
         RateLimitInterceptor(runtime.limiter, cfg.rate_limit_per_minute, cfg.rate_limit_burst),
     ]
     server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
@@ -131,6 +135,10 @@ async def start_server(runtime: Runtime, shorts: Sequence[str], listen: str) -> 
     port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
+    host = listen.rsplit(":", 1)[0]
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    runtime.bound_target = f"{host}:{port}"
     await server.start()
     mesh = MeshServer(server=server, health=health_servicer, port=port, services=names)
     await mesh.set_serving(True)
