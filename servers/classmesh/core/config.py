@@ -72,7 +72,15 @@ class Config:
     #: Events buffered per live-stream subscriber before the slow-consumer policy applies.
     stream_queue_size: int = 1024
     #: Seconds a participant whose stream/heartbeat stopped stays `disconnected` before `left`.
-    presence_grace_seconds: int = 30
+    presence_grace_seconds: float = 30.0
+    #: Seconds between the Heartbeat calls clients are told to make.
+    heartbeat_interval_seconds: float = 10.0
+    #: Seconds without heartbeat or open WatchSession after which a participant is `disconnected`.
+    heartbeat_timeout_seconds: float = 20.0
+    #: Seconds between two runs of the presence sweeper (disconnect, grace expiry).
+    presence_sweep_interval_seconds: float = 2.0
+    #: Deadline (s) of SessionService's call to MediaService.CreateRouter on start.
+    media_call_timeout_seconds: float = 10.0
     #: Seconds in-flight RPCs get to finish on SIGTERM.
     shutdown_grace_seconds: float = 5.0
     #: Name of the development tenant `classmesh up` creates.
@@ -135,6 +143,19 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     cfg = Config(**kwargs)  # type: ignore[arg-type]
     if cfg.idempotency_ttl_hours < 24:
         raise ConfigError("CLASSMESH_IDEMPOTENCY_TTL_HOURS must be at least 24")
+    for name in (
+        "presence_grace_seconds",
+        "heartbeat_interval_seconds",
+        "heartbeat_timeout_seconds",
+        "presence_sweep_interval_seconds",
+        "media_call_timeout_seconds",
+    ):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"CLASSMESH_{name.upper()} must be positive")
+    if cfg.heartbeat_timeout_seconds <= cfg.heartbeat_interval_seconds:
+        raise ConfigError(
+            "CLASSMESH_HEARTBEAT_TIMEOUT_SECONDS must exceed CLASSMESH_HEARTBEAT_INTERVAL_SECONDS"
+        )
     if cfg.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(
             f"CLASSMESH_LOG_LEVEL={cfg.log_level!r}: use DEBUG, INFO, WARNING or ERROR"

@@ -16,8 +16,14 @@ def encode_page_token(*values: Any) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_page_token(token: str, arity: int) -> list[Any] | None:
-    """The cursor values, or None for an empty token; garbage is INVALID_ARGUMENT."""
+def decode_page_token(
+    token: str, arity: int, *, reason: str = "VALIDATION_FAILED"
+) -> list[Any] | None:
+    """The cursor values, or None for an empty token; garbage is INVALID_ARGUMENT.
+
+    `reason` is the ErrorInfo reason of that error (PAGE_TOKEN_INVALID is the specific one;
+    the default keeps the reason AdminService has always sent).
+    """
     if not token:
         return None
     try:
@@ -28,7 +34,9 @@ def decode_page_token(token: str, arity: int) -> list[Any] | None:
         if not isinstance(values, list) or len(values) != arity:
             raise ValueError("shape")
     except (ValueError, UnicodeError) as exc:
-        raise InvalidArgument([("page_token", "not a page token returned by this API")]) from exc
+        raise InvalidArgument(
+            [("page_token", "not a page token returned by this API")], reason=reason
+        ) from exc
     return values
 
 
