@@ -23,13 +23,16 @@ ALTER TABLE session_participants
     ADD COLUMN visit_started_at timestamptz,
     -- when presence was lost; the reconnect grace window runs from here
     ADD COLUMN disconnected_at timestamptz,
-    -- lobby time summed over visits (attendance "lobby wait")
-    ADD COLUMN lobby_wait_seconds bigint NOT NULL DEFAULT 0,
+    -- lobby time summed over visits (attendance "lobby wait"), milliseconds
+    ADD COLUMN lobby_wait_ms bigint NOT NULL DEFAULT 0,
+    -- total_connected_seconds to the millisecond (short visits add up without rounding drift)
+    ADD COLUMN total_connected_ms bigint NOT NULL DEFAULT 0,
     ADD COLUMN study_session_id text,
     -- guests only, never shown to other participants (seed 004)
     ADD COLUMN email text,
     ADD CONSTRAINT session_participants_join_count_check CHECK (join_count >= 1),
-    ADD CONSTRAINT session_participants_lobby_wait_check CHECK (lobby_wait_seconds >= 0),
+    ADD CONSTRAINT session_participants_lobby_wait_check CHECK (lobby_wait_ms >= 0),
+    ADD CONSTRAINT session_participants_connected_ms_check CHECK (total_connected_ms >= 0),
     ADD CONSTRAINT session_participants_study_session_id_check
         CHECK (study_session_id IS NULL OR char_length(study_session_id) BETWEEN 1 AND 128),
     ADD CONSTRAINT session_participants_email_check

@@ -121,6 +121,30 @@ async def _migrate_command(cfg: Config, action: str, steps: int) -> int:
     return 0
 
 
+async def _seed_study_rooms(cfg: Config, tenant_id: str) -> int:
+    from classmesh.session.service import SessionService
+
+    dsn, _redis, embedded = await _resolve_backends(cfg)
+    try:
+        await _migrate(dsn)
+        from classmesh.core.db import init_connection
+
+        conn = await asyncpg.connect(dsn)
+        try:
+            await init_connection(conn)
+            rooms, created = await SessionService(cfg).seed_study_rooms(conn, tenant_id)
+        finally:
+            await conn.close()
+    finally:
+        stop = getattr(embedded, "stop", None)
+        if callable(stop):
+            await asyncio.to_thread(stop)
+    for room in rooms:
+        _print(f"{room.id}  {room.title}  {room.capacity} seats")
+    _print(f"created: {created}")
+    return 0
+
+
 def _mint(args: argparse.Namespace) -> int:
     from classmesh.core.auth import AccessToken
 
@@ -151,6 +175,12 @@ def _parser() -> argparse.ArgumentParser:
     tsub = tenant.add_subparsers(dest="tenant_command", required=True)
     tc = tsub.add_parser("create", help="create a tenant and print its API key id and secret")
     tc.add_argument("name")
+    rooms = sub.add_parser("studyrooms", help="shared study rooms (seed 003)")
+    rsub = rooms.add_subparsers(dest="studyrooms_command", required=True)
+    seed = rsub.add_parser(
+        "seed", help="create the tenant's 10 study rooms x 50 seats (idempotent)"
+    )
+    seed.add_argument("--tenant", required=True, help="tenant id")
     token = sub.add_parser("token", help="access tokens")
     ksub = token.add_subparsers(dest="token_command", required=True)
     mint = ksub.add_parser("mint", help="mint an access token (JWT, HS256)")
@@ -211,6 +241,8 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         return asyncio.run(_migrate_command(cfg, args.action, args.steps))
     if args.command == "tenant":
         return asyncio.run(_tenant_create(cfg, args.name))
+    if args.command == "studyrooms":
+        return asyncio.run(_seed_study_rooms(cfg, args.tenant))
     raise AssertionError(args.command)
 
 

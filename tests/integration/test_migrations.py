@@ -79,6 +79,7 @@ EXPECTED_CHECKS = {
     "session_participants_permissions_check", "session_participants_removed_reason_check",
     "session_participants_user_id_check",
     "session_participants_join_count_check", "session_participants_lobby_wait_check",
+    "session_participants_connected_ms_check",
     "session_participants_study_session_id_check", "session_participants_email_check",
     "sessions_media_router_id_check",
     "session_events_actor_check", "session_events_payload_check",

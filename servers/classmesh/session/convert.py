@@ -134,7 +134,7 @@ def session_proto(row: SessionRow, *, show_link: bool) -> session_pb2.Session:
 
 def connected_seconds(row: ParticipantRow, now: datetime) -> float:
     """Connected time while admitted, including the stretch still running."""
-    total = float(row.total_connected_seconds)
+    total = row.total_connected_ms / 1000.0
     if row.connected_since is not None:
         total += max(0.0, (now - row.connected_since).total_seconds())
     return total

@@ -274,6 +274,14 @@ def _time_cursor(token: str) -> tuple[datetime, str] | None:
         raise _bad_token() from exc
 
 
+def _connected_fields(p: ParticipantRow, until: datetime) -> dict[str, Any]:
+    """Fold the running connected stretch (connected_since .. until) into the totals."""
+    if p.connected_since is None:
+        return {}
+    ms = p.total_connected_ms + max(0, int((until - p.connected_since).total_seconds() * 1000))
+    return {"total_connected_ms": ms, "total_connected_seconds": int(round(ms / 1000))}
+
+
 def _role_word(principal: Principal) -> str:
     return principal.role if principal.role in convert.ROLES else "student"
 
@@ -432,10 +440,7 @@ class SessionService:
             "connected_since": None,
             "disconnected_at": None,
         }
-        if p.connected_since is not None:
-            fields["total_connected_seconds"] = p.total_connected_seconds + max(
-                0, int(round((max(end_at, p.connected_since) - p.connected_since).total_seconds()))
-            )
+        fields.update(_connected_fields(p, end_at))
         fields.update(extra or {})
         visit_start = p.visit_started_at or p.joined_at
         visit = max(0.0, (end_at - visit_start).total_seconds()) if held else 0.0
@@ -1354,11 +1359,7 @@ class SessionService:
                             "disconnected_at": now,
                             "connected_since": None,
                         }
-                        if p.connected_since is not None:
-                            until = max(p.last_seen_at or now, p.connected_since)
-                            fields["total_connected_seconds"] = p.total_connected_seconds + int(
-                                round((until - p.connected_since).total_seconds())
-                            )
+                        fields.update(_connected_fields(p, p.last_seen_at or now))
                         updated = await self.store.update_participant(conn, p, fields)
                         await events.add(
                             conn,
@@ -1441,7 +1442,7 @@ class SessionService:
     async def _admit_one(
         self, conn: asyncpg.Connection, p: ParticipantRow, now: datetime
     ) -> ParticipantRow:
-        waited = max(0, int(round((now - (p.visit_started_at or p.joined_at)).total_seconds())))
+        waited = max(0, int((now - (p.visit_started_at or p.joined_at)).total_seconds() * 1000))
         return await self.store.update_participant(
             conn,
             p,
@@ -1449,7 +1450,7 @@ class SessionService:
                 "status": "admitted",
                 "admitted_at": now,
                 "connected_since": now,
-                "lobby_wait_seconds": p.lobby_wait_seconds + waited,
+                "lobby_wait_ms": p.lobby_wait_ms + waited,
             },
         )
 
@@ -1822,7 +1823,8 @@ class SessionService:
                 raise _bad_token() from exc
             if not 0 <= after <= MAX_SEQ:
                 raise _bad_token()
-        row = await self._load(conn, principal, sid)
+        # Admins may still read a soft-deleted session's log (audit, replay).
+        row = await self._load(conn, principal, sid, include_deleted=principal.role == "admin")
         records = await read_events(
             conn,
             tenant_id=row.tenant_id,
@@ -1861,7 +1863,7 @@ class SessionService:
         records = []
         for p in rows[:size]:
             connected = convert.connected_seconds(p, now)
-            lobby = float(p.lobby_wait_seconds)
+            lobby = p.lobby_wait_ms / 1000.0
             if p.status == "lobby" and p.visit_started_at is not None:
                 lobby += max(0.0, (now - p.visit_started_at).total_seconds())
             ratio = min(1.0, connected / length) if length > 0 else 0.0
@@ -1950,7 +1952,7 @@ class SessionService:
         v.raise_if_any()
         after = _time_cursor(req.page_token)
         require(principal, session_id=sid, roles=rules.MODERATOR_ROLES)
-        row = await self._load(conn, principal, sid, include_deleted=True)
+        row = await self._load(conn, principal, sid, include_deleted=principal.role == "admin")
         rows = await self.store.list_audit(
             conn,
             tenant_id=row.tenant_id,
@@ -2217,9 +2219,9 @@ def build_analytics(
             if tb is not None:
                 setattr(tb, field_name, getattr(tb, field_name) + 1)
 
-    admitted = [p for p in people if p.admitted_at is not None or p.total_connected_seconds > 0]
+    admitted = [p for p in people if p.admitted_at is not None or p.total_connected_ms > 0]
     connected = [convert.connected_seconds(p, now) for p in admitted]
-    waits = [float(p.lobby_wait_seconds) for p in admitted if p.role in ("student", "guest")]
+    waits = [p.lobby_wait_ms / 1000.0 for p in admitted if p.role in ("student", "guest")]
     unique = len(users | {p.user_id for p in people})
     out = session_pb2.SessionAnalytics(
         session_id=session_id,

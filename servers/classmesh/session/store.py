@@ -83,12 +83,13 @@ class ParticipantRow:
     last_seen_at: datetime | None
     connected_since: datetime | None
     total_connected_seconds: int
+    total_connected_ms: int
     removed_reason: str
     connection_id: str
     join_count: int
     visit_started_at: datetime | None
     disconnected_at: datetime | None
-    lobby_wait_seconds: int
+    lobby_wait_ms: int
     study_session_id: str
     breakout_room_id: str
     hand_raised: bool
@@ -150,8 +151,9 @@ _P_COLS = (
     "p.id, p.tenant_id, p.session_id, p.user_id, p.display_name, p.role::text AS role, "
     "p.status::text AS status, p.is_guest, p.audio_muted, p.video_muted, p.screen_muted, "
     "p.permissions, p.joined_at, p.admitted_at, p.left_at, p.last_seen_at, p.connected_since, "
-    "p.total_connected_seconds, p.removed_reason, p.connection_id, p.join_count, "
-    "p.visit_started_at, p.disconnected_at, p.lobby_wait_seconds, p.study_session_id, "
+    "p.total_connected_seconds, p.total_connected_ms, p.removed_reason, p.connection_id, "
+    "p.join_count, "
+    "p.visit_started_at, p.disconnected_at, p.lobby_wait_ms, p.study_session_id, "
     "(SELECT ra.breakout_room_id FROM room_assignments ra WHERE ra.participant_id = p.id "
     "AND ra.left_at IS NULL LIMIT 1) AS breakout_room_id, "
     "EXISTS (SELECT 1 FROM hand_raises h WHERE h.session_id = p.session_id "
@@ -193,13 +195,14 @@ PARTICIPANT_UPDATABLE = {
     "last_seen_at": "",
     "connected_since": "",
     "total_connected_seconds": "",
+    "total_connected_ms": "",
     "removed_by": "",
     "removed_reason": "",
     "connection_id": "",
     "join_count": "",
     "visit_started_at": "",
     "disconnected_at": "",
-    "lobby_wait_seconds": "",
+    "lobby_wait_ms": "",
     "study_session_id": "",
     "email": "",
 }
@@ -257,12 +260,13 @@ def _participant(r: asyncpg.Record) -> ParticipantRow:
         last_seen_at=r["last_seen_at"],
         connected_since=r["connected_since"],
         total_connected_seconds=int(r["total_connected_seconds"]),
+        total_connected_ms=int(r["total_connected_ms"]),
         removed_reason=r["removed_reason"] or "",
         connection_id=str(r["connection_id"]) if r["connection_id"] else "",
         join_count=r["join_count"],
         visit_started_at=r["visit_started_at"],
         disconnected_at=r["disconnected_at"],
-        lobby_wait_seconds=int(r["lobby_wait_seconds"]),
+        lobby_wait_ms=int(r["lobby_wait_ms"]),
         study_session_id=r["study_session_id"] or "",
         breakout_room_id=str(r["breakout_room_id"]) if r["breakout_room_id"] else "",
         hand_raised=r["hand_raised"],
