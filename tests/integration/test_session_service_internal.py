@@ -405,3 +405,41 @@ async def test_guest_token_rejoins_as_the_same_guest(harness: Harness) -> None:
     )
     assert len(keys) == 1
     await _fold_matches(h, s.session.id)
+
+
+# --------------------------------------------------------------------------- the SDK example
+
+
+async def test_lms_example_runs_a_whole_class(harness: Harness) -> None:
+    """sdk/python/examples/lms_class.py against this server, as a partner would run it."""
+    import os
+    import sys
+    from pathlib import Path
+
+    h = harness
+    script = Path(__file__).resolve().parents[2] / "sdk" / "python" / "examples" / "lms_class.py"
+    env = {
+        **os.environ,
+        "CLASSMESH_TARGET": h.target,
+        "CLASSMESH_TENANT_ID": h.tenant_id,
+        "CLASSMESH_KEY_ID": h.key_id,
+        "CLASSMESH_KEY_SECRET": h.secret,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        "--students",
+        "2",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert proc.returncode == 0, err.decode() + text
+    assert "admitted 2 from the lobby" in text
+    assert "class started" in text and "class ended" in text
+    assert text.count(": joined") == 2 and text.count(": admitted") == 2
+    assert "attendance (2 participants" in text
+    sid = text.split()[1]
+    await _fold_matches(h, sid)
