@@ -1365,11 +1365,16 @@ class PollResultsChanged(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     RESPONDENT_KEY_FIELD_NUMBER: _builtins.int
     OPTION_INDEXES_FIELD_NUMBER: _builtins.int
+    SHOW_RESULTS_LIVE_FIELD_NUMBER: _builtins.int
     poll_id: _builtins.str
     """Poll id (UUID)."""
     respondent_key: _builtins.str
     """Opaque, stable per poll and respondent (HMAC of the user id) so replay can rebuild
     one-response-per-user without revealing identity; 0-64 characters.
+    """
+    show_results_live: _builtins.bool
+    """The poll's show_results_live: when false, live feeds of students carry this event
+    without results and option_indexes (the poll's final results come with PollClosed).
     """
     @_builtins.property
     def results(self) -> _interaction_pb2.PollResults:
@@ -1386,10 +1391,11 @@ class PollResultsChanged(_message.Message):
         results: _interaction_pb2.PollResults | None = ...,
         respondent_key: _builtins.str = ...,
         option_indexes: _abc.Iterable[_builtins.int] | None = ...,
+        show_results_live: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["option_indexes", b"option_indexes", "poll_id", b"poll_id", "respondent_key", b"respondent_key", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["option_indexes", b"option_indexes", "poll_id", b"poll_id", "respondent_key", b"respondent_key", "results", b"results", "show_results_live", b"show_results_live"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

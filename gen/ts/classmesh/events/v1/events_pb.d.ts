@@ -1457,6 +1457,14 @@ export declare type PollResultsChanged = Message<"classmesh.events.v1.PollResult
    * @generated from field: repeated int32 option_indexes = 4;
    */
   optionIndexes: number[];
+
+  /**
+   * The poll's show_results_live: when false, live feeds of students carry this event
+   * without results and option_indexes (the poll's final results come with PollClosed).
+   *
+   * @generated from field: bool show_results_live = 5;
+   */
+  showResultsLive: boolean;
 };
 
 /**
