@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from google.protobuf import field_mask_pb2
 
 from classmesh_sdk import NO_RETRY, ClassMeshClient, ClassMeshError
 from tests.e2e.test_session_lifecycle import (
@@ -24,10 +25,12 @@ from tests.e2e.test_session_lifecycle import (
     Code,
     S,
     SessionMesh,
+    all_events,
     create_session,
     db_event_types,
     db_participants,
     db_session,
+    event_type,
     live_class,
     session_mesh,
     uid,
@@ -237,3 +240,177 @@ async def test_same_user_racing_itself_takes_one_seat(sm: SessionMesh) -> None:
     await _assert_settled(sm, room.id, set(), 5)
     row = (await db_participants(sm.pool, room.id))[user]
     assert row["status"] == "left"
+
+
+async def test_end_session_racing_joins_leaves_nobody_seated(sm: SessionMesh) -> None:
+    s, _, inst = await live_class(sm, capacity=100)
+    users = [uid("late") for _ in range(60)]
+    tokens = {u: sm.token(u, "student") for u in users}
+    clients = _pool_of_clients(sm)
+
+    async def join(i: int, u: str) -> object:
+        md = [("authorization", f"Bearer {tokens[u]}")]
+        try:
+            return await clients[i % len(clients)].sessions.join_session(
+                session_id=s.id, retry=NO_RETRY, metadata=md
+            )
+        except ClassMeshError as exc:
+            return exc
+
+    joins = [asyncio.create_task(join(i, u)) for i, u in enumerate(users)]
+    await asyncio.sleep(0.01)
+    ended = await inst.sessions.end_session(session_id=s.id)
+    results = await asyncio.gather(*joins)
+    refused = [r for r in results if isinstance(r, ClassMeshError)]
+    assert {(e.code, e.reason) for e in refused} <= {(Code.FAILED_PRECONDITION, "SESSION_ENDED")}
+    assert ended.session.status == S.SESSION_STATUS_ENDED
+    row = await db_session(sm.pool, s.id)
+    assert (row["status"], row["current_occupancy"]) == ("ended", 0)
+    rows = await db_participants(sm.pool, s.id)
+    assert {r["status"] for r in rows.values()} <= {"left"}
+    assert len(rows) == len(results) - len(refused)
+    types = await db_event_types(sm.pool, s.id)
+    end_at = types.index("session_ended")
+    assert "participant_joined" not in types[end_at:]
+
+
+async def test_removal_racing_leave_settles_each_participant_once(sm: SessionMesh) -> None:
+    room = await create_session(sm.admin(), kind=STUDY_ROOM, capacity=40)
+    users = [uid("pair") for _ in range(20)]
+    clients = {u: sm.as_user(u) for u in users}
+    for u in users:
+        await clients[u].sessions.join_session(session_id=room.id)
+    admin = sm.admin()
+
+    async def attempt(call: Any) -> ClassMeshError | None:
+        try:
+            await call
+        except ClassMeshError as exc:
+            return exc
+        return None
+
+    calls = []
+    for u in users:
+        calls.append(attempt(clients[u].sessions.leave_session(session_id=room.id, retry=NO_RETRY)))
+        calls.append(
+            attempt(
+                admin.sessions.remove_participant(session_id=room.id, user_id=u, retry=NO_RETRY)
+            )
+        )
+    results = await asyncio.gather(*calls)
+    await _assert_settled(sm, room.id, set(), 40)  # every seat freed exactly once
+    rows = await db_participants(sm.pool, room.id)
+    events = [
+        (e.seq, event_type(e), getattr(e, event_type(e)).participant.user_id)
+        for e in await all_events(admin, room.id)
+        if event_type(e) in ("participant_left", "participant_removed")
+    ]
+    for n, u in enumerate(users):
+        leave_err, remove_err = results[2 * n], results[2 * n + 1]
+        mine = [kind for _, kind, who in events if who == u]
+        story = f"{u}: leave -> {leave_err!r}, remove -> {remove_err!r}; events {mine}"
+        # A removal may also land after the leave (it then bans a user who already left),
+        # but the user ends up settled exactly once and the final status says who won.
+        assert leave_err is None or remove_err is None, story
+        assert rows[u]["status"] == ("removed" if remove_err is None else "left"), story
+        # A leave that queued behind the removal tells the user they were removed.
+        if leave_err is not None:
+            assert (leave_err.code, leave_err.reason) == (
+                Code.PERMISSION_DENIED,
+                "PARTICIPANT_REMOVED",
+            ), story
+        if remove_err is not None:
+            assert remove_err.code == Code.FAILED_PRECONDITION, story
+    logs = await sm.pool.fetch(
+        "SELECT user_id, count(*) AS n FROM session_logs WHERE session_id = $1 GROUP BY user_id",
+        uuid.UUID(room.id),
+    )
+    assert {r["user_id"]: r["n"] for r in logs} == {u: 1 for u in users}
+
+
+async def test_capacity_change_racing_joins_never_overbooks(sm: SessionMesh) -> None:
+    room = await create_session(sm.admin(), kind=STUDY_ROOM, capacity=30)
+    admin = sm.admin()
+    users = [uid("cap") for _ in range(25)]
+    clients = _pool_of_clients(sm)
+    tokens = {u: sm.token(u, "student") for u in users}
+
+    async def join(i: int, u: str) -> ClassMeshError | None:
+        md = [("authorization", f"Bearer {tokens[u]}")]
+        try:
+            await clients[i % len(clients)].sessions.join_session(
+                session_id=room.id, retry=NO_RETRY, metadata=md
+            )
+        except ClassMeshError as exc:
+            return exc
+        return None
+
+    async def shrink() -> ClassMeshError | None:
+        await asyncio.sleep(0.02)
+        try:
+            await admin.sessions.update_session(
+                session=S.Session(id=room.id, capacity=20),
+                update_mask=field_mask_pb2.FieldMask(paths=["capacity"]),
+                retry=NO_RETRY,
+            )
+        except ClassMeshError as exc:
+            return exc
+        return None
+
+    *joins, shrunk = await asyncio.gather(*(join(i, u) for i, u in enumerate(users)), shrink())
+    row = await db_session(sm.pool, room.id)
+    if shrunk is None:
+        assert row["capacity"] == 20
+    else:
+        assert (shrunk.code, shrunk.reason) == (
+            Code.FAILED_PRECONDITION,
+            "CAPACITY_BELOW_OCCUPANCY",
+        )
+        assert row["capacity"] == 30
+    seated = {u for u, e in zip(users, joins, strict=True) if e is None}
+    refused = [e for e in joins if e is not None]
+    assert {(e.code, e.reason) for e in refused} <= {(Code.RESOURCE_EXHAUSTED, "ROOM_FULL")}
+    assert len(seated) <= row["capacity"]
+    await _assert_settled(sm, room.id, seated, row["capacity"])
+
+
+async def test_removal_racing_a_rejoin_keeps_the_user_out(sm: SessionMesh) -> None:
+    """A join (a second tab) that queues behind the removal of its user must not re-admit it."""
+    room = await create_session(sm.admin(), kind=STUDY_ROOM, capacity=40)
+    users = [uid("banned") for _ in range(20)]
+    clients = {u: sm.as_user(u) for u in users}
+    for u in users:
+        await clients[u].sessions.join_session(session_id=room.id)
+    admin = sm.admin()
+
+    async def attempt(call: Any) -> ClassMeshError | None:
+        try:
+            await call
+        except ClassMeshError as exc:
+            return exc
+        return None
+
+    calls = []
+    for u in users:
+        calls.append(
+            attempt(
+                admin.sessions.remove_participant(session_id=room.id, user_id=u, retry=NO_RETRY)
+            )
+        )
+        calls.append(attempt(clients[u].sessions.join_session(session_id=room.id, retry=NO_RETRY)))
+    results = await asyncio.gather(*calls)
+    rows = await db_participants(sm.pool, room.id)
+    readmitted = {
+        u: (rows[u]["status"], results[2 * n + 1])
+        for n, u in enumerate(users)
+        if results[2 * n] is None and rows[u]["status"] != "removed"
+    }
+    assert readmitted == {}, "removed users back in the room after a racing join"
+    for n, u in enumerate(users):
+        join_err = results[2 * n + 1]
+        if join_err is not None:
+            assert (join_err.code, join_err.reason) == (
+                Code.PERMISSION_DENIED,
+                "PARTICIPANT_REMOVED",
+            ), u
+    await _assert_settled(sm, room.id, set(), 40)

@@ -280,3 +280,118 @@ async def test_watch_replays_from_the_start_and_rejects_a_cursor_beyond_the_log(
         ):
             break
     assert (info.value.code, info.value.reason) == (Code.INVALID_ARGUMENT, "VALIDATION_FAILED")
+
+
+# ============================================================================ edge cases
+
+
+async def _disconnected(sm: SessionMesh, sid: str, user: str, watch: Watcher) -> float:
+    """Join `user`, stay silent until DISCONNECTED; return the grace window."""
+    joined = await sm.as_user(user).sessions.join_session(session_id=sid)
+    hb, grace = _timings(joined)
+    await watch.wait_for(about(user, "participant_disconnected"), 4 * hb + 5, "disconnect")
+    assert (await db_participants(sm.pool, sid))[user]["status"] == "disconnected"
+    return grace
+
+
+async def _quiet_period(grace: float) -> None:
+    """Long enough for the sweeper to expire any grace window that is still running."""
+    await asyncio.sleep(grace + 1.5)
+
+
+async def test_kick_during_grace_frees_the_seat_once(sm: SessionMesh) -> None:
+    room = await create_session(sm.admin(), kind=STUDY_ROOM, capacity=3)
+    watch = Watcher(sm.admin("watcher"), room.id)
+    user = uid("ghost")
+    grace = await _disconnected(sm, room.id, user, watch)
+    assert (await db_session(sm.pool, room.id))["current_occupancy"] == 1
+    await sm.admin().sessions.remove_participant(session_id=room.id, user_id=user, reason="x")
+    assert (await db_session(sm.pool, room.id))["current_occupancy"] == 0
+    await _quiet_period(grace)
+    assert (await db_participants(sm.pool, room.id))[user]["status"] == "removed"
+    assert (await db_session(sm.pool, room.id))["current_occupancy"] == 0
+    assert [e for e in watch.events if about(user, "participant_left")(e)] == []
+    logs = await sm.pool.fetch(
+        "SELECT reason FROM session_logs WHERE session_id = $1 AND user_id = $2",
+        uuid.UUID(room.id),
+        user,
+    )
+    assert [r["reason"] for r in logs] == ["removed"]
+    await watch.stop()
+
+
+async def test_leave_during_grace_frees_the_seat_once(sm: SessionMesh) -> None:
+    room = await create_session(sm.admin(), kind=STUDY_ROOM, capacity=3)
+    watch = Watcher(sm.admin("watcher"), room.id)
+    user = uid("leaver")
+    grace = await _disconnected(sm, room.id, user, watch)
+    left = await sm.as_user(user).sessions.leave_session(session_id=room.id)
+    assert left.participant.status == S.PARTICIPANT_STATUS_LEFT
+    await _quiet_period(grace)
+    assert (await db_session(sm.pool, room.id))["current_occupancy"] == 0
+    lefts = [e for e in watch.events if about(user, "participant_left")(e)]
+    assert len(lefts) == 1 and not lefts[0].participant_left.grace_expired
+    count = await sm.pool.fetchval(
+        "SELECT count(*) FROM session_logs WHERE session_id = $1 AND user_id = $2",
+        uuid.UUID(room.id),
+        user,
+    )
+    assert count == 1
+    await watch.stop()
+
+
+async def test_end_during_grace_settles_everyone(sm: SessionMesh) -> None:
+    s, _, inst = await live_class(sm, capacity=5)
+    watch = Watcher(inst, s.id)
+    user = uid("dropped")
+    joined = await sm.as_user(user).sessions.join_session(session_id=s.id)
+    hb, grace = _timings(joined)
+    await inst.sessions.admit_participants(session_id=s.id, user_ids=[user])
+    await watch.wait_for(about(user, "participant_disconnected"), 4 * hb + 5, "disconnect")
+    ended = await inst.sessions.end_session(session_id=s.id)
+    assert ended.session.current_occupancy == 0
+    head = (await db_session(sm.pool, s.id))["last_seq"]
+    await _quiet_period(grace)
+    row = await db_session(sm.pool, s.id)
+    assert (row["status"], row["current_occupancy"], row["last_seq"]) == ("ended", 0, head)
+    assert (await db_participants(sm.pool, s.id))[user]["status"] == "left"
+    await watch.stop()
+
+
+async def test_a_disconnected_participant_keeps_the_seat_of_a_full_room(sm: SessionMesh) -> None:
+    room = await create_session(sm.admin(), kind=STUDY_ROOM, capacity=1)
+    watch = Watcher(sm.admin("watcher"), room.id)
+    holder, other = uid("holder"), uid("other")
+    await _disconnected(sm, room.id, holder, watch)
+    await expect_error(
+        sm.as_user(other).sessions.join_session(session_id=room.id, retry=NO_RETRY),
+        Code.RESOURCE_EXHAUSTED,
+        "ROOM_FULL",
+    )
+    back = await sm.as_user(holder).sessions.join_session(session_id=room.id)
+    assert back.reconnected and back.status == S.PARTICIPANT_STATUS_ADMITTED
+    # Silent again: after the grace window the seat is free for the other user.
+    await watch.wait_for(
+        lambda e: about(holder, "participant_left")(e) and e.participant_left.grace_expired,
+        10,
+        "holder left",
+    )
+    ok = await sm.as_user(other).sessions.join_session(session_id=room.id)
+    assert ok.status == S.PARTICIPANT_STATUS_ADMITTED
+    await watch.stop()
+
+
+async def test_an_open_watch_stream_keeps_presence(sm: SessionMesh) -> None:
+    room = await create_session(sm.admin(), kind=STUDY_ROOM, capacity=3)
+    staff = Watcher(sm.admin("watcher"), room.id)
+    user = uid("viewer")
+    c = sm.as_user(user)
+    joined = await c.sessions.join_session(session_id=room.id)
+    hb, grace = _timings(joined)
+    mine = Watcher(c, room.id, after_seq=joined.last_seq)
+    await asyncio.sleep(4 * hb + grace + 1)  # no heartbeats, but the stream is open
+    assert [e for e in staff.events if about(user, "participant_disconnected")(e)] == []
+    assert (await db_participants(sm.pool, room.id))[user]["status"] == "admitted"
+    await mine.stop()  # the stream goes away: presence lapses
+    await staff.wait_for(about(user, "participant_left"), 4 * hb + grace + 5, "left")
+    await staff.stop()
