@@ -27,7 +27,7 @@ import asyncpg
 import grpc
 import jwt
 import pytest
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 
 from classmesh.common.v1 import common_pb2
 from classmesh.events.v1 import events_pb2
@@ -754,3 +754,202 @@ async def test_same_user_joining_twice_keeps_one_participant_and_one_seat(
         and e.participant_joined.participant.user_id == student
     ]
     assert len(joins) == 1
+
+
+async def test_list_sessions_filters_and_paging(sm: SessionMesh) -> None:
+    admin = sm.admin()
+    course = f"course-{secrets.token_hex(3)}"
+    t1, t2 = uid("teacher"), uid("teacher")
+    made = []
+    for i, (teacher, kind) in enumerate(
+        [(t1, CLASS), (t1, CLASS), (t2, CLASS), (t2, STUDY_ROOM), (t1, CLASS)]
+    ):
+        made.append(
+            await create_session(
+                admin,
+                instructor_id=teacher,
+                kind=kind,
+                start_in=timedelta(days=30, hours=i),
+                lms_course_ref=course,
+            )
+        )
+    # Make one live (start window relative to its own schedule) and cancel another.
+    live = await create_session(
+        admin, instructor_id=t1, start_in=timedelta(minutes=1), lms_course_ref=course
+    )
+    await admin.sessions.start_session(session_id=live.id)
+    await admin.sessions.cancel_session(session_id=made[1].id)
+
+    async def ids(**kw: Any) -> list[str]:
+        out: list[str] = []
+        token = ""
+        while True:
+            resp = await admin.sessions.list_sessions(
+                lms_course_ref=course, page_size=2, page_token=token, **kw
+            )
+            assert len(resp.sessions) <= 2
+            out.extend(x.id for x in resp.sessions)
+            token = resp.next_page_token
+            if not token:
+                return out
+
+    everything = await ids()
+    assert sorted(everything) == sorted([x.id for x in made] + [live.id])
+    assert len(everything) == len(set(everything))  # paging: no duplicates
+    # Newest scheduled_start first.
+    starts = {x.id: x.scheduled_start.ToDatetime() for x in [*made, live]}
+    assert everything == sorted(everything, key=lambda i: starts[i], reverse=True)
+    assert set(await ids(instructor_id=t2)) == {made[2].id, made[3].id}
+    assert await ids(kind=STUDY_ROOM) == [made[3].id]
+    # (Whether a fresh study room is SCHEDULED or LIVE is tested on its own below.)
+    db_live = {
+        str(r["id"])
+        for r in await sm.pool.fetch(
+            "SELECT id FROM sessions WHERE lms_course_ref = $1 AND status = 'live'", course
+        )
+    }
+    assert live.id in db_live
+    assert set(await ids(statuses=[S.SESSION_STATUS_LIVE])) == db_live
+    assert await ids(statuses=[S.SESSION_STATUS_CANCELLED]) == [made[1].id]
+    window = time_range(
+        now() + timedelta(days=30, minutes=30), now() + timedelta(days=30, hours=2, minutes=30)
+    )
+    assert set(await ids(scheduled_start_range=window)) == {made[1].id, made[2].id}
+    first = await admin.sessions.list_sessions(lms_course_ref=course, page_size=2)
+    assert first.total_size == len(everything)
+    # Soft-deleted sessions disappear unless an admin asks for them.
+    await admin.sessions.delete_session(session_id=made[4].id)
+    assert made[4].id not in await ids()
+    assert made[4].id in await ids(show_deleted=True)
+
+
+async def test_update_session_rules(sm: SessionMesh) -> None:
+    teacher = uid("teacher")
+    inst = sm.as_user(teacher, "instructor")
+    s = await create_session(inst, start_in=timedelta(hours=3))
+    mask = field_mask_pb2.FieldMask
+    new_start = now() + timedelta(hours=4)
+    upd = await inst.sessions.update_session(
+        session=session_pb2.Session(
+            id=s.id,
+            title="Moved",
+            scheduled_start=ts(new_start),
+            scheduled_end=ts(new_start + timedelta(hours=2)),
+            capacity=42,
+        ),
+        update_mask=mask(paths=["title", "scheduled_start", "scheduled_end", "capacity"]),
+    )
+    assert (upd.session.title, upd.session.capacity) == ("Moved", 42)
+    row = await db_session(sm.pool, s.id)
+    assert (row["title"], row["capacity"]) == ("Moved", 42)
+    assert abs((row["scheduled_start"] - new_start).total_seconds()) < 1
+    assert (await db_event_types(sm.pool, s.id))[-1] == "session_updated"
+    # Fields outside the mask are untouched.
+    upd = await inst.sessions.update_session(
+        session=session_pb2.Session(id=s.id, title="ignored", description="only this"),
+        update_mask=mask(paths=["description"]),
+    )
+    assert (upd.session.title, upd.session.description) == ("Moved", "only this")
+    # Moving the end before the start is invalid.
+    err = await expect_error(
+        inst.sessions.update_session(
+            session=session_pb2.Session(id=s.id, scheduled_end=ts(new_start - timedelta(hours=1))),
+            update_mask=mask(paths=["scheduled_end"]),
+            retry=NO_RETRY,
+        ),
+        Code.INVALID_ARGUMENT,
+        "VALIDATION_FAILED",
+    )
+    assert any(f.endswith("scheduled_end") for f, _ in err.field_violations), err
+    # An ended session is read-only.
+    live, _, owner = await live_class(sm, instructor=teacher)
+    await owner.sessions.end_session(session_id=live.id)
+    await expect_error(
+        owner.sessions.update_session(
+            session=session_pb2.Session(id=live.id, title="late edit"),
+            update_mask=mask(paths=["title"]),
+            retry=NO_RETRY,
+        ),
+        Code.FAILED_PRECONDITION,
+        "SESSION_ENDED",
+    )
+    assert (await db_session(sm.pool, live.id))["title"] != "late edit"
+
+
+async def test_students_cannot_join_after_end_plus_grace(sm: SessionMesh) -> None:
+    s, teacher, inst = await live_class(sm)
+    await sm.pool.execute(
+        "UPDATE sessions SET scheduled_start = now() - interval '2 hours', "
+        "scheduled_end = now() - interval '16 minutes' WHERE id = $1",
+        uuid.UUID(s.id),
+    )
+    await expect_error(
+        sm.as_user(uid("student")).sessions.join_session(session_id=s.id, retry=NO_RETRY),
+        Code.FAILED_PRECONDITION,
+        "TOO_LATE",
+    )
+    # The instructor may still join a class that runs over.
+    ok = await inst.sessions.join_session(session_id=s.id)
+    assert ok.status == S.PARTICIPANT_STATUS_ADMITTED
+    assert teacher in await db_participants(sm.pool, s.id)
+
+
+async def test_guest_token_lifetime_follows_the_setting(sm: SessionMesh) -> None:
+    settings = session_pb2.SessionSettings(
+        lobby_enabled=True, allow_guests=True, guest_token_ttl=dur(600)
+    )
+    s, _, inst = await live_class(sm, settings=settings)
+    link = (await inst.sessions.get_session(session_id=s.id)).session.join_link_token
+    before = now()
+    resp = await sm.client(None).sessions.join_session(join_link_token=link, display_name="G")
+    exp = resp.access_token_expire_time.ToDatetime(UTC)
+    assert before + timedelta(seconds=595) <= exp <= now() + timedelta(seconds=605)
+    # The guest can be removed like anyone else; their token stops working here.
+    guest = sm.client(resp.access_token)
+    await inst.sessions.remove_participant(session_id=s.id, user_id=resp.participant.user_id)
+    await expect_error(
+        guest.sessions.heartbeat(session_id=s.id, retry=NO_RETRY),
+        Code.PERMISSION_DENIED,
+        "PARTICIPANT_REMOVED",
+    )
+
+
+async def test_join_is_idempotent_and_a_class_rejoin_goes_back_to_the_lobby(
+    sm: SessionMesh,
+) -> None:
+    s, _, inst = await live_class(sm, capacity=5)
+    student = uid("student")
+    c = sm.as_user(student)
+    rid = str(uuid.uuid4())
+    first = await c.sessions.join_session(session_id=s.id, request_id=rid)
+    again = await c.sessions.join_session(session_id=s.id, request_id=rid)
+    assert again.SerializeToString(deterministic=True) == first.SerializeToString(
+        deterministic=True
+    )
+    assert (await db_event_types(sm.pool, s.id)).count("participant_joined") == 1
+    # A lobby participant learns of admission from Heartbeat.
+    assert (await c.sessions.heartbeat(session_id=s.id)).status == S.PARTICIPANT_STATUS_LOBBY
+    await inst.sessions.admit_participants(session_id=s.id, user_ids=[student])
+    assert (await c.sessions.heartbeat(session_id=s.id)).status == S.PARTICIPANT_STATUS_ADMITTED
+    left = await c.sessions.leave_session(session_id=s.id)
+    assert left.participant.status == S.PARTICIPANT_STATUS_LEFT
+    assert (await db_session(sm.pool, s.id))["current_occupancy"] == 0
+    # After leaving, a class rejoin waits in the lobby again (and takes a seat again).
+    back = await c.sessions.join_session(session_id=s.id)
+    assert back.status == S.PARTICIPANT_STATUS_LOBBY
+    assert back.participant.id == first.participant.id
+    assert back.participant.join_count == 2
+    assert (await db_session(sm.pool, s.id))["current_occupancy"] == 1
+
+
+async def test_a_new_study_room_is_scheduled_until_someone_joins(sm: SessionMesh) -> None:
+    """session.proto SessionStatus: "Study rooms stay SCHEDULED until someone joins or an
+    admin starts them"."""
+    room = await create_session(sm.admin(), kind=STUDY_ROOM, start_in=timedelta(days=2))
+    assert room.status == S.SESSION_STATUS_SCHEDULED
+    row = await db_session(sm.pool, room.id)
+    assert (row["status"], row["actual_start"]) == ("scheduled", None)
+    joined = await sm.as_user(uid("early")).sessions.join_session(session_id=room.id)
+    assert joined.status == S.PARTICIPANT_STATUS_ADMITTED
+    assert joined.session.status == S.SESSION_STATUS_LIVE
+    assert (await db_session(sm.pool, room.id))["status"] == "live"
