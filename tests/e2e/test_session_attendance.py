@@ -254,3 +254,44 @@ async def test_study_room_attendance_sums_visits(sm: SessionMesh) -> None:
     assert 1.5 <= total <= 4
     an = (await sm.admin().sessions.get_session_analytics(session_id=room.id)).analytics
     assert (an.unique_participants, an.total_joins, an.total_leaves) == (1, 2, 2)
+
+
+async def test_other_audited_actions(sm: SessionMesh) -> None:
+    """Rotate link, moderator mute, cancel and delete are audited too (AuditAction)."""
+    admin = sm.admin()
+    s, teacher, inst = await live_class(sm)
+    student = uid("muted")
+    await sm.as_user(student).sessions.join_session(session_id=s.id)
+    await inst.sessions.rotate_join_link(session_id=s.id)
+    await inst.sessions.mute_participant(session_id=s.id, user_id=student, audio=True)
+    actions = [e.action for e in (await admin.sessions.list_audit_logs(session_id=s.id)).entries]
+    assert actions[:2] == [S.AUDIT_ACTION_PARTICIPANT_MUTED, S.AUDIT_ACTION_JOIN_LINK_ROTATED]
+    c = await create_session(admin, instructor_id=teacher)
+    await inst.sessions.cancel_session(session_id=c.id, reason="snow day")
+    await admin.sessions.delete_session(session_id=c.id)
+    entries = (await admin.sessions.list_audit_logs(session_id=c.id)).entries
+    assert [e.action for e in entries] == [
+        S.AUDIT_ACTION_SESSION_DELETED,
+        S.AUDIT_ACTION_SESSION_CANCELLED,
+    ]
+    assert entries[1].reason == "snow day"
+    assert {r["action"] for r in await db_audit(sm.pool, c.id)} == {
+        "session_cancelled",
+        "session_deleted",
+    }
+
+
+async def test_attendance_pages(sm: SessionMesh, script: Script) -> None:
+    admin = sm.admin()
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await admin.sessions.get_attendance(
+            session_id=script.session_id, page_size=1, page_token=token
+        )
+        assert len(page.records) <= 1 and page.total_size == 4
+        seen.extend(r.user_id for r in page.records)
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [script.teacher, script.a, script.b, script.c]

@@ -293,20 +293,6 @@ async def expect_error(
     raise AssertionError(f"expected {code.name} {reason}, the call succeeded: {result}")
 
 
-async def expect_one_of(
-    call: Awaitable[Any], *pairs: tuple[grpc.StatusCode, str]
-) -> ClassMeshError:
-    """Like `expect_error` where the rules allow one of several (code, reason) pairs."""
-    try:
-        result = await call
-    except ClassMeshError as exc:
-        got = (exc.code, exc.reason)
-        assert got in pairs, f"got {exc.code.name} {exc.reason!r}, wanted one of {pairs}"
-        assert exc.domain == DOMAIN, exc
-        return exc
-    raise AssertionError(f"expected one of {pairs}, the call succeeded: {result}")
-
-
 async def db_session(pool: asyncpg.Pool, session_id: str) -> asyncpg.Record:
     row = await pool.fetchrow("SELECT * FROM sessions WHERE id = $1", uuid.UUID(session_id))
     assert row is not None, f"no sessions row {session_id}"
