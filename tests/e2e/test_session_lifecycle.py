@@ -939,3 +939,21 @@ async def test_a_new_study_room_is_scheduled_until_someone_joins(sm: SessionMesh
     assert joined.status == S.PARTICIPANT_STATUS_ADMITTED
     assert joined.session.status == S.SESSION_STATUS_LIVE
     assert (await db_session(sm.pool, room.id))["status"] == "live"
+
+
+async def test_lobby_switched_off_admits_students_once_live(sm: SessionMesh) -> None:
+    settings = session_pb2.SessionSettings(lobby_enabled=False, chat_enabled=True)
+    teacher = uid("teacher")
+    s = await create_session(
+        sm.admin(), instructor_id=teacher, start_in=timedelta(minutes=1), settings=settings
+    )
+    early, late = uid("early"), uid("late")
+    # Before the start nobody is in the class: even without a lobby, students wait.
+    first = await sm.as_user(early).sessions.join_session(session_id=s.id)
+    assert first.status == S.PARTICIPANT_STATUS_LOBBY
+    await sm.as_user(teacher, "instructor").sessions.start_session(session_id=s.id)
+    rows = await db_participants(sm.pool, s.id)
+    assert rows[early]["status"] == "admitted"
+    second = await sm.as_user(late).sessions.join_session(session_id=s.id)
+    assert second.status == S.PARTICIPANT_STATUS_ADMITTED
+    assert (await db_session(sm.pool, s.id))["current_occupancy"] == 2

@@ -383,6 +383,13 @@ async def test_study_room_log_queries(sm: SessionMesh, rooms: list[session_pb2.S
     db_rows = await sm.pool.fetch("SELECT id FROM session_logs WHERE user_id = $1", u1)
     assert sorted(str(r["id"]) for r in db_rows) == sorted(seen)
 
+    # Another tenant sees none of it.
+    key = await sm.other_tenant()
+    stranger = sm.client(sm.token("b-admin", "admin", key=key))
+    assert list((await stranger.sessions.list_study_room_logs(user_id=u1)).logs) == []
+    foreign = await stranger.sessions.list_study_room_logs(session_id=r1.session_id)
+    assert (list(foreign.logs), foreign.total_size) == ([], 0)
+
     # Students may read their own logs only.
     own, _ = await _logs(c2, user_id=u2)
     assert {x.user_id for x in own} == {u2}
