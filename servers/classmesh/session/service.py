@@ -17,7 +17,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
@@ -371,7 +371,11 @@ class SessionService:
         lock: bool = False,
         include_deleted: bool = False,
     ) -> SessionRow:
-        """The session (grant checked first), with the caller's participant status."""
+        """The session (grant checked first), with the caller's participant status.
+
+        With `lock`, the caller status comes from the snapshot taken before the lock wait:
+        code that acts on the caller's participant row re-reads it after locking.
+        """
         require(principal, session_id=session_id)
         row = await self.store.get_session(
             conn,
@@ -1034,21 +1038,91 @@ class SessionService:
         *,
         guest: GuestJoin | None = None,
     ) -> Result[JoinResult]:
+        """Join (or rejoin, reconnect, replace the connection). Seats are exact.
+
+        The common case, a first join, keeps the session row lock short (every join of the
+        session queues on it): the participant lookup and the user upsert run before it; the
+        lock is taken by the statement that claims the seat (`current_occupancy + 1 ... WHERE
+        current_occupancy < capacity`), and only the participant insert, the event and the
+        idempotency record follow it before commit.
+        """
         if guest is None:
             self.validate_join(req)
             sid = str(uuid.UUID(req.session_id))
         else:
             sid = guest.session_id
-        row = await self._load(conn, principal, sid, lock=True)
+        require(principal, session_id=sid)
+        pre = await self.store.get_participant(conn, principal.tenant_id, sid, principal.subject)
+        if pre is not None:
+            check_not_removed(sid, pre.status)
+            return await self._rejoin(conn, principal, req, sid, guest)
+        role = _role_word(principal)
+        name = self._display_name(req, principal)
+        if not principal.guest:
+            await self.store.upsert_user(conn, principal.tenant_id, principal.subject, name, role)
+        row = await self.store.claim_seat(conn, principal.tenant_id, sid)
+        if row is None:
+            # No seat taken: say why (gone, over, or full).
+            current = await self.store.get_session(conn, principal.tenant_id, sid)
+            if current is None:
+                raise NotFound("session", sid)
+            self._check_joinable(current, guest, role)
+            raise self._full(current)
+        self._check_joinable(row, guest, role)
+        now = row.db_now
+        landing = rules.landing_status(
+            kind=row.kind, session_status=row.status, role=role, settings=row.settings
+        )
+        participant = await self.store.insert_participant(
+            conn,
+            on_conflict_skip=True,
+            tenant_id=uuid.UUID(row.tenant_id),
+            session_id=uuid.UUID(row.id),
+            user_id=principal.subject,
+            display_name=name,
+            role=role,
+            is_guest=principal.guest,
+            permissions=rules.default_permissions(role, row.settings),
+            joined_at=now,
+            email=(guest.email or None) if guest is not None else None,
+            **self._visit_fields(req, row, role, landing),
+        )
+        if participant is None:
+            # The same user's other tab inserted first (we waited on its lock): hand the
+            # seat back and take the rejoin path against its row.
+            await self.store.adjust_occupancy(conn, row.tenant_id, row.id, -1)
+            return await self._rejoin(conn, principal, req, sid, guest)
+        events = _Events(row.tenant_id, row.id, self._actor(principal), req.request_id)
+        await events.add(
+            conn,
+            events_pb2.ParticipantJoined(
+                participant=self._participant_message(participant, now),
+                current_occupancy=row.current_occupancy,
+            ),
+        )
+        session = replace(
+            row,
+            last_seq=events.last_seq,
+            lobby_count=row.lobby_count + (1 if landing == "lobby" else 0),
+        )
+        result = JoinResult(participant, session, reconnected=False, last_seq=events.last_seq)
+        if guest is not None:
+            await self._mint_guest_token(conn, row, principal, result, now)
+        return Result(result, events.records)
+
+    @staticmethod
+    def _display_name(req: R.JoinSessionRequest, principal: Principal) -> str:
+        return (req.display_name.strip() or principal.name.strip() or principal.subject)[:100]
+
+    def _check_joinable(self, row: SessionRow, guest: GuestJoin | None, role: str) -> None:
         if guest is not None and row.join_link_token != guest.link:
             raise NotFound(
                 "join_link", "(hidden)", "the join link was replaced", reason="JOIN_LINK_INVALID"
             )
         check_usable(row.id, row.status)
-        now = row.db_now
-        existing = await self.store.get_participant(conn, row.tenant_id, row.id, principal.subject)
-        role = existing.role if existing is not None else _role_word(principal)
-        if rules.join_too_late(now, kind=row.kind, role=role, scheduled_end=row.scheduled_end):
+        if rules.join_too_late(
+            row.db_now, kind=row.kind, role=role, scheduled_end=row.scheduled_end
+        ):
             raise FailedPrecondition(
                 "TOO_LATE",
                 "joining closed 15 minutes after the scheduled end",
@@ -1057,15 +1131,54 @@ class SessionService:
                     "latestJoinTime": _iso(row.scheduled_end + rules.JOIN_GRACE_AFTER_END),
                 },
             )
-        name = (req.display_name.strip() or principal.name.strip() or principal.subject)[:100]
+
+    @staticmethod
+    def _visit_fields(
+        req: R.JoinSessionRequest, row: SessionRow, role: str, landing: str
+    ) -> dict[str, Any]:
+        """Columns of a new visit (first join or a join after leaving)."""
+        now = row.db_now
+        muted = (
+            row.kind == "class"
+            and role in ("student", "guest")
+            and bool(row.settings.get("mute_on_entry", True))
+        )
+        fields: dict[str, Any] = {
+            "connection_id": uuid.uuid4(),
+            "last_seen_at": now,
+            "status": landing,
+            "visit_started_at": now,
+            "admitted_at": now if landing == "admitted" else None,
+            "connected_since": now if landing == "admitted" else None,
+            "audio_muted": muted,
+        }
+        if req.study_session_id:
+            fields["study_session_id"] = req.study_session_id
+        return fields
+
+    async def _rejoin(
+        self,
+        conn: asyncpg.Connection,
+        principal: Principal,
+        req: R.JoinSessionRequest,
+        sid: str,
+        guest: GuestJoin | None,
+    ) -> Result[JoinResult]:
+        """A join by someone who has a participant row: replace, reconnect, or a new visit."""
+        row = await self._load(conn, principal, sid, lock=True)
+        existing = await self.store.get_participant(conn, row.tenant_id, row.id, principal.subject)
+        assert existing is not None  # rows are never deleted while the session exists
+        # Read after the lock: a removal that committed while we waited is seen here.
+        check_not_removed(row.id, existing.status)
+        self._check_joinable(row, guest, existing.role)
+        now = row.db_now
         events = _Events(row.tenant_id, row.id, self._actor(principal), req.request_id)
-        connection_id = uuid.uuid4()
-        occupancy = row.current_occupancy
-        reconnected = False
-        base: dict[str, Any] = {"connection_id": connection_id, "last_seen_at": now}
+        base: dict[str, Any] = {"connection_id": uuid.uuid4(), "last_seen_at": now}
         if req.study_session_id:
             base["study_session_id"] = req.study_session_id
-        if existing is not None and existing.status in ("lobby", "admitted"):
+        reconnected = False
+        session = row
+        if existing.status in ("lobby", "admitted"):
             # Another tab: the new connection replaces the old one; same seat.
             participant = await self.store.update_participant(conn, existing, base)
             await events.add(
@@ -1074,7 +1187,7 @@ class SessionService:
                     participant=self._participant_message(participant, now)
                 ),
             )
-        elif existing is not None and existing.status == "disconnected":
+        elif existing.status == "disconnected":
             # Back within the grace window: the seat was kept.
             back = "admitted" if existing.admitted_at is not None else "lobby"
             fields = {
@@ -1093,54 +1206,29 @@ class SessionService:
                 ),
             )
         else:
-            if occupancy >= row.capacity:
+            # A new visit after leaving: needs a seat again.
+            if row.current_occupancy >= row.capacity:
                 raise self._full(row)
             landing = rules.landing_status(
-                kind=row.kind, session_status=row.status, role=role, settings=row.settings
+                kind=row.kind, session_status=row.status, role=existing.role, settings=row.settings
             )
-            muted = (
-                row.kind == "class"
-                and role in ("student", "guest")
-                and bool(row.settings.get("mute_on_entry", True))
+            participant = await self.store.update_participant(
+                conn,
+                existing,
+                {
+                    **self._visit_fields(req, row, existing.role, landing),
+                    "display_name": self._display_name(req, principal),
+                    "left_at": None,
+                    "disconnected_at": None,
+                    "join_count": existing.join_count + 1,
+                },
             )
-            visit: dict[str, Any] = {
-                **base,
-                "status": landing,
-                "visit_started_at": now,
-                "admitted_at": now if landing == "admitted" else None,
-                "connected_since": now if landing == "admitted" else None,
-                "audio_muted": muted,
-            }
-            if existing is None:
-                participant = await self.store.insert_participant(
-                    conn,
-                    tenant_id=uuid.UUID(row.tenant_id),
-                    session_id=uuid.UUID(row.id),
-                    user_id=principal.subject,
-                    display_name=name,
-                    role=role,
-                    is_guest=principal.guest,
-                    permissions=rules.default_permissions(role, row.settings),
-                    joined_at=now,
-                    email=(guest.email or None) if guest is not None else None,
-                    **visit,
-                )
-                if not principal.guest:
-                    await self.store.upsert_user(conn, row.tenant_id, principal.subject, name, role)
-            else:
-                # A new visit after leaving.
-                participant = await self.store.update_participant(
-                    conn,
-                    existing,
-                    {
-                        **visit,
-                        "display_name": name,
-                        "left_at": None,
-                        "disconnected_at": None,
-                        "join_count": existing.join_count + 1,
-                    },
-                )
             occupancy = await self.store.adjust_occupancy(conn, row.tenant_id, row.id, 1)
+            session = replace(
+                row,
+                current_occupancy=occupancy,
+                lobby_count=row.lobby_count + (1 if landing == "lobby" else 0),
+            )
             await events.add(
                 conn,
                 events_pb2.ParticipantJoined(
@@ -1148,12 +1236,10 @@ class SessionService:
                     current_occupancy=occupancy,
                 ),
             )
-        result = JoinResult(
-            participant=participant,
-            session=await self._reload(conn, row),
-            reconnected=reconnected,
-            last_seq=events.last_seq,
-        )
+        if participant.status == "lobby" and existing.status == "disconnected":
+            session = replace(session, lobby_count=session.lobby_count + 1)
+        session = replace(session, last_seq=events.last_seq)
+        result = JoinResult(participant, session, reconnected=reconnected, last_seq=events.last_seq)
         if guest is not None:
             await self._mint_guest_token(conn, row, principal, result, now)
         return Result(result, events.records)
@@ -1222,6 +1308,7 @@ class SessionService:
         row = await self._load(conn, principal, sid, lock=True)
         check_usable(row.id, row.status)
         p = await self.store.get_participant(conn, row.tenant_id, row.id, principal.subject)
+        check_not_removed(row.id, p.status if p is not None else None)
         if p is None or p.status not in rules.SEATED:
             # Seed 003 property 8: leaving a room one is not in is "not found".
             raise NotFound("participant", principal.subject, "you are not in this session")
@@ -1291,6 +1378,7 @@ class SessionService:
         row = await self._load(conn, principal, sid, lock=True)
         check_usable(row.id, row.status)
         p = await self.store.get_participant(conn, row.tenant_id, row.id, principal.subject)
+        check_not_removed(row.id, p.status if p is not None else None)
         if p is None:
             raise PermissionDenied("NOT_IN_SESSION", "you are not a participant of this session")
         events = _Events(row.tenant_id, row.id, self._actor(principal, p.id), req.request_id)

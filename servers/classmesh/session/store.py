@@ -370,6 +370,25 @@ class SessionStore:
         # is what we want: a session update never changes participants.
         return _session(r)
 
+    async def claim_seat(
+        self, conn: asyncpg.Connection, tenant_id: str, session_id: str
+    ) -> SessionRow | None:
+        """Take one seat of a usable session with a free seat, locking its row.
+
+        The capacity check and the increment are one statement under the row lock, so
+        concurrent claims never exceed capacity. None: no seat was taken (the session is
+        missing, over, or full); `current_occupancy` in the result includes this seat.
+        """
+        r = await conn.fetchrow(
+            "UPDATE sessions AS s SET current_occupancy = s.current_occupancy + 1 "
+            "WHERE s.id = $1 AND s.tenant_id = $2 AND s.deleted_at IS NULL "
+            "AND s.status IN ('scheduled', 'live') AND s.current_occupancy < s.capacity "
+            f"RETURNING {_SESSION_COLS}",
+            _u(session_id),
+            _u(tenant_id),
+        )
+        return _session(r) if r else None
+
     async def adjust_occupancy(
         self, conn: asyncpg.Connection, tenant_id: str, session_id: str, delta: int
     ) -> int:
@@ -463,7 +482,10 @@ class SessionStore:
         )
         return _participant(r) if r else None
 
-    async def insert_participant(self, conn: asyncpg.Connection, **values: Any) -> ParticipantRow:
+    async def insert_participant(
+        self, conn: asyncpg.Connection, *, on_conflict_skip: bool = False, **values: Any
+    ) -> ParticipantRow | None:
+        """Insert a participant; with `on_conflict_skip`, None when the user already has one."""
         cols = list(values)
         casts = {
             "role": "::participant_role",
@@ -473,10 +495,13 @@ class SessionStore:
         placeholders = ", ".join(f"${i}{casts.get(c, '')}" for i, c in enumerate(cols, 1))
         r = await conn.fetchrow(
             f"INSERT INTO session_participants AS p ({', '.join(cols)}) VALUES ({placeholders}) "
-            f"RETURNING {_P_COLS}",
+            + ("ON CONFLICT (session_id, user_id) DO NOTHING " if on_conflict_skip else "")
+            + f"RETURNING {_P_COLS}",
             *values.values(),
         )
-        assert r is not None
+        if r is None:
+            assert on_conflict_skip
+            return None
         return _participant(r)
 
     async def update_participant(
