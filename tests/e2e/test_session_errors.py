@@ -469,6 +469,10 @@ async def test_removed_participant_is_locked_out(sm: SessionMesh) -> None:
         "PARTICIPANT_REMOVED",
     )
     assert (await db_participants(sm.pool, s.id))[kid]["status"] == "removed"
+    # Only this session: the same user still joins another one.
+    other, _, _ = await live_class(sm)
+    ok = await kc.sessions.join_session(session_id=other.id)
+    assert ok.status == S.PARTICIPANT_STATUS_LOBBY
 
 
 async def test_heartbeat_of_a_non_participant(sm: SessionMesh) -> None:
