@@ -977,6 +977,12 @@ async def test_reads_need_the_session_grant(sm: SessionMesh) -> None:
     got = (await scoped.sessions.get_session(session_id=s.id)).session
     assert got.join_link_token == ""
     assert (await sm.admin().sessions.get_session(session_id=s.id)).session.join_link_token
+    helper = sm.as_user(uid("assistant"), "assistant", session=s.id)
+    assert (await helper.sessions.get_session(session_id=s.id)).session.join_link_token
+    # A token scoped to one session lists only that session.
+    listed = await scoped.sessions.list_sessions(page_size=100)
+    assert [x.id for x in listed.sessions] == [s.id]
+    assert all(x.join_link_token == "" for x in listed.sessions)
 
 
 async def test_audit_log_is_for_admins(sm: SessionMesh) -> None:
