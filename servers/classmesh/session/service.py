@@ -536,10 +536,6 @@ class SessionService:
             "lms_lesson_ref": req.lms_lesson_ref or None,
             "settings": settings,
         }
-        if kind == "study_room":
-            # Study rooms are always live: open seats, no lobby, nobody to start them.
-            values["status"] = "live"
-            values["actual_start"] = await conn.fetchval("SELECT now()")
         row = await self.store.insert_session(conn, **values)
         events = _Events(row.tenant_id, row.id, self._actor(principal), req.request_id)
         await events.add(conn, events_pb2.SessionCreated(session=self._session_message(row)))
@@ -877,7 +873,7 @@ class SessionService:
             if row.media_router_id:
                 meta["routerId"] = row.media_router_id
             raise Aborted("SESSION_ALREADY_LIVE", "the session is already live", metadata=meta)
-        if rules.start_too_early(row.db_now, row.scheduled_start):
+        if row.kind == "class" and rules.start_too_early(row.db_now, row.scheduled_start):
             earliest = rules.earliest_start(row.scheduled_start)
             raise FailedPrecondition(
                 "TOO_EARLY",
@@ -1070,6 +1066,10 @@ class SessionService:
             raise self._full(current)
         self._check_joinable(row, guest, role)
         now = row.db_now
+        events = _Events(row.tenant_id, row.id, self._actor(principal), req.request_id)
+        if row.kind == "study_room" and row.status == "scheduled":
+            # A study room opens with its first visitor (session.proto SessionStatus).
+            row = await self._open_room(conn, row, events)
         landing = rules.landing_status(
             kind=row.kind, session_status=row.status, role=role, settings=row.settings
         )
@@ -1092,7 +1092,6 @@ class SessionService:
             # seat back and take the rejoin path against its row.
             await self.store.adjust_occupancy(conn, row.tenant_id, row.id, -1)
             return await self._rejoin(conn, principal, req, sid, guest)
-        events = _Events(row.tenant_id, row.id, self._actor(principal), req.request_id)
         await events.add(
             conn,
             events_pb2.ParticipantJoined(
@@ -1109,6 +1108,17 @@ class SessionService:
         if guest is not None:
             await self._mint_guest_token(conn, row, principal, result, now)
         return Result(result, events.records)
+
+    async def _open_room(
+        self, conn: asyncpg.Connection, row: SessionRow, events: _Events
+    ) -> SessionRow:
+        """SCHEDULED -> LIVE for a study room (its first join, or StartSession)."""
+        opened = await self.store.update_session(
+            conn, row.tenant_id, row.id, {"status": "live", "actual_start": row.db_now}
+        )
+        await events.add(conn, events_pb2.SessionStarted(session=self._session_message(opened)))
+        # The seat this join claimed is already counted in `row`.
+        return replace(row, status="live", actual_start=row.db_now, updated_at=opened.updated_at)
 
     @staticmethod
     def _display_name(req: R.JoinSessionRequest, principal: Principal) -> str:

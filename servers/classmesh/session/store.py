@@ -831,7 +831,7 @@ class SessionStore:
         if only_session is not None:
             where.append(f"s.id = {arg(_u(only_session))}")
         if only_available:
-            where.append("s.current_occupancy < s.capacity AND s.status = 'live'")
+            where.append("s.current_occupancy < s.capacity AND s.status IN ('scheduled', 'live')")
         cond = " AND ".join(where)
         total = await conn.fetchval(
             f"SELECT count(*) FROM sessions s WHERE {cond} AND $2::text IS NOT NULL", *args
