@@ -33,6 +33,7 @@ EXPECTED_MIGRATIONS = [
     "0005_recording",
     "0006_admin",
     "0007_session_service",
+    "0008_interaction_service",
 ]
 
 EXPECTED_TABLES = {
@@ -42,6 +43,7 @@ EXPECTED_TABLES = {
     "breakout_rooms", "room_assignments",
     "chat_messages", "hand_raises", "questions", "question_votes", "session_polls",
     "poll_responses", "whiteboards", "study_timers", "studio_scenes", "studio_assets",
+    "studio_state",
     "session_recordings", "recording_jobs", "artifacts",
     "audit_logs", "webhooks", "webhook_deliveries",
 }  # fmt: skip
@@ -119,6 +121,15 @@ EXPECTED_CHECKS = {
     "audit_logs_reason_check",
     "webhooks_description_check", "webhooks_secret_check", "webhooks_url_check",
     "webhook_deliveries_attempts_check",
+    "chat_messages_seq_check",
+    "session_polls_max_selections_check", "session_polls_closes_at_check",
+    "whiteboards_size_bytes_check", "whiteboards_updated_actor_check",
+    "study_timers_mode_check", "study_timers_elapsed_ms_check", "study_timers_ends_at_check",
+    "study_timers_completed_focus_check", "study_timers_updated_actor_check",
+    "studio_scenes_deck_id_check", "studio_scenes_deck_url_check",
+    "studio_state_layout_check", "studio_state_deck_id_check", "studio_state_slide_check",
+    "studio_state_slide_url_check", "studio_state_seq_check",
+    "studio_state_updated_actor_check",
 }  # fmt: skip
 
 # unique constraints: name -> (table, columns)
@@ -159,6 +170,7 @@ EXPECTED_PRIMARY_KEYS = {
     "api_keys": ["id"],
     "sessions": ["id"],
     "session_analytics": ["session_id"],
+    "studio_state": ["session_id"],
 }
 
 # indexes that are not backing a constraint: name -> (table, unique?)
@@ -217,6 +229,11 @@ EXPECTED_INDEXES = {
     "webhooks_tenant_idx": ("webhooks", False),
     "webhook_deliveries_ready_idx": ("webhook_deliveries", False),
     "webhook_deliveries_tenant_webhook_idx": ("webhook_deliveries", False),
+    "chat_messages_scope_seq_idx": ("chat_messages", False),
+    "chat_messages_sent_at_idx": ("chat_messages", False),
+    "session_polls_closes_at_idx": ("session_polls", False),
+    "study_timers_ends_at_idx": ("study_timers", False),
+    "studio_state_tenant_idx": ("studio_state", False),
 }
 
 
@@ -355,14 +372,18 @@ async def test_status_and_command_output(empty_database_url: str) -> None:
         "applied  0003_breakout",
         "applied  0004_interaction",
         "applied  0005_recording",
-        "pending  0006_admin",
+        "applied  0006_admin",
         "pending  0007_session_service",
+        "pending  0008_interaction_service",
     ]
     up = await run_migrate_command(empty_database_url, "up")
-    assert up.splitlines() == ["applied  0006_admin", "applied  0007_session_service"]
+    assert up.splitlines() == ["applied  0007_session_service", "applied  0008_interaction_service"]
     assert await run_migrate_command(empty_database_url, "up") == "already up to date"
     down = await run_migrate_command(empty_database_url, "down", steps=2)
-    assert down.splitlines() == ["reverted 0007_session_service", "reverted 0006_admin"]
+    assert down.splitlines() == [
+        "reverted 0008_interaction_service",
+        "reverted 0007_session_service",
+    ]
     with pytest.raises(ValueError):
         await run_migrate_command(empty_database_url, "sideways")
 
@@ -375,7 +396,7 @@ async def test_concurrent_runners_apply_each_migration_once(empty_database_url: 
         assert applied == EXPECTED_MIGRATIONS
         assert sorted(len(r) for r in results) == [0, 0, len(EXPECTED_MIGRATIONS)]
         rows = await conns[0].fetch("SELECT version FROM schema_migrations ORDER BY version")
-        assert [r["version"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+        assert [r["version"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
     finally:
         for c in conns:
             await c.close()
