@@ -85,6 +85,26 @@ class Config:
     shutdown_grace_seconds: float = 5.0
     #: Name of the development tenant `classmesh up` creates.
     dev_tenant: str = "dev"
+    #: Chat messages per minute per user (seed 000 STR-021); also the burst allowed at once.
+    chat_messages_per_minute: int = 60
+    #: Longest chat message in characters, after trimming (seed 000, 003).
+    chat_max_length: int = 1000
+    #: Days a chat message is kept; `classmesh retention run` deletes older ones (STR-018).
+    chat_retention_days: int = 90
+    #: Hand raises per minute per user (seed 000 STR-021); also the burst allowed at once.
+    hand_raises_per_minute: int = 10
+    #: Whiteboard updates per second per user (seed 000 STR-030); also the burst.
+    whiteboard_updates_per_second: int = 10
+    #: Largest whiteboard snapshot in bytes (seed 000 STR-028: 10 MB).
+    whiteboard_max_bytes: int = 10_485_760
+    #: Questions a user may ask per minute (seed 004 spam prevention); also the burst.
+    questions_per_minute: int = 5
+    #: Question votes per minute per user (seed 004 spam prevention); also the burst.
+    question_votes_per_minute: int = 60
+    #: Links (http://, www.) allowed in one question (seed 004 content filtering).
+    question_max_links: int = 2
+    #: Seconds between two runs of the interaction sweeper (poll auto-close, timer expiry).
+    interaction_sweep_interval_seconds: float = 1.0
 
     @property
     def effective_peer_target(self) -> str:
@@ -149,6 +169,15 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         "heartbeat_timeout_seconds",
         "presence_sweep_interval_seconds",
         "media_call_timeout_seconds",
+        "chat_messages_per_minute",
+        "chat_max_length",
+        "chat_retention_days",
+        "hand_raises_per_minute",
+        "whiteboard_updates_per_second",
+        "whiteboard_max_bytes",
+        "questions_per_minute",
+        "question_votes_per_minute",
+        "interaction_sweep_interval_seconds",
     ):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"CLASSMESH_{name.upper()} must be positive")
