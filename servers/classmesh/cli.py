@@ -145,6 +145,34 @@ async def _seed_study_rooms(cfg: Config, tenant_id: str) -> int:
     return 0
 
 
+async def _retention_run(cfg: Config, chat_days: int | None) -> int:
+    """Delete chat messages older than the retention window (and their text in the log)."""
+    from classmesh.core.db import init_connection
+    from classmesh.interaction.store import InteractionStore
+
+    days = cfg.chat_retention_days if chat_days is None else chat_days
+    if days < 1:
+        print("classmesh: --chat-days must be at least 1", file=sys.stderr)
+        return 2
+    dsn, _redis, embedded = await _resolve_backends(cfg)
+    try:
+        await _migrate(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            await init_connection(conn)
+            async with conn.transaction():
+                deleted = await InteractionStore().purge_chat(conn, older_than_days=days)
+        finally:
+            await conn.close()
+    finally:
+        stop = getattr(embedded, "stop", None)
+        if callable(stop):
+            await asyncio.to_thread(stop)
+    _print(f"chat_retention_days: {days}")
+    _print(f"chat_messages_deleted: {deleted}")
+    return 0
+
+
 def _mint(args: argparse.Namespace) -> int:
     from classmesh.core.auth import AccessToken
 
@@ -181,6 +209,10 @@ def _parser() -> argparse.ArgumentParser:
         "seed", help="create the tenant's 10 study rooms x 50 seats (idempotent)"
     )
     seed.add_argument("--tenant", required=True, help="tenant id")
+    retention = sub.add_parser("retention", help="data retention jobs")
+    rtsub = retention.add_subparsers(dest="retention_command", required=True)
+    rrun = rtsub.add_parser("run", help="delete chat older than CLASSMESH_CHAT_RETENTION_DAYS")
+    rrun.add_argument("--chat-days", type=int, default=None, help="override the window (days)")
     token = sub.add_parser("token", help="access tokens")
     ksub = token.add_subparsers(dest="token_command", required=True)
     mint = ksub.add_parser("mint", help="mint an access token (JWT, HS256)")
@@ -241,6 +273,8 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         return asyncio.run(_migrate_command(cfg, args.action, args.steps))
     if args.command == "tenant":
         return asyncio.run(_tenant_create(cfg, args.name))
+    if args.command == "retention":
+        return asyncio.run(_retention_run(cfg, args.chat_days))
     if args.command == "studyrooms":
         return asyncio.run(_seed_study_rooms(cfg, args.tenant))
     raise AssertionError(args.command)
