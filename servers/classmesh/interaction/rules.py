@@ -70,13 +70,13 @@ _BLOCKS = re.compile(
 # is not a tag: a name must follow the bracket).
 _TAGS = re.compile(r"<[/!?]?[A-Za-z][^<>]*>|<!--.*?(?:-->|$)", re.DOTALL)
 # URL schemes that run code, spelled with any case and whitespace inside (browsers drop
-# tabs and newlines inside a URL).
+# tabs and newlines inside a URL): their colon is replaced.
 _SCHEMES = re.compile(
-    r"(?:j\s*a\s*v\s*a|v\s*b)\s*s\s*c\s*r\s*i\s*p\s*t\s*:|d\s*a\s*t\s*a\s*:\s*text/html",
+    r"((?:j\s*a\s*v\s*a|v\s*b)\s*s\s*c\s*r\s*i\s*p\s*t\s*|d\s*a\s*t\s*a\s*):",
     re.IGNORECASE,
 )
-# Inline event handler attributes: onerror=, onload = ...
-_HANDLERS = re.compile(r"\bon[a-z]{2,}\s*=", re.IGNORECASE)
+# Inline event handler attributes (onerror=, onload = ...) anywhere: their '=' is replaced.
+_HANDLERS = re.compile(r"(on[a-z]{2,}\s*)=", re.IGNORECASE)
 # C0/C1 controls but tab and newline; zero-width and bidirectional overrides (the emoji
 # zero-width joiner U+200D stays: it builds emoji sequences).
 _INVISIBLE = re.compile(
@@ -87,20 +87,17 @@ _INVISIBLE = re.compile(
 def neutralise(text: str) -> str:
     """Plain text that cannot act as HTML or script wherever a client puts it.
 
-    Removes script-like elements with their content, every tag, `javascript:`/`vbscript:`/
-    `data:text/html` schemes, inline `on...=` handlers and invisible control characters; a
-    lone `<` or `>` becomes its full-width twin (same meaning to a reader, inert to a
-    browser, same length). The result is never longer than the input.
+    Script-like elements go with their content, every other tag goes, invisible control
+    characters go. What a reader may still need is kept but made inert with its full-width
+    twin, which looks the same and means nothing to a browser: a lone `<`/`>` ("a < b"),
+    the colon of `javascript:`/`vbscript:`/`data:`, the `=` of `onerror=`-like handlers.
+    The result is never longer than the input.
     """
     out = _INVISIBLE.sub("", text)
     out = _BLOCKS.sub("", out)
     out = _TAGS.sub("", out)
-    # Removing one match can join the halves of another ("javajavascript:script:"): repeat.
-    while True:
-        cleaned = _HANDLERS.sub("", _SCHEMES.sub("", out))
-        if cleaned == out:
-            break
-        out = cleaned
+    out = _SCHEMES.sub("\\1\uff1a", out)
+    out = _HANDLERS.sub("\\1\uff1d", out)
     return out.replace("<", "\uff1c").replace(">", "\uff1e").strip()
 
 
