@@ -34,6 +34,8 @@ EXPECTED_ALL = {
     "AbortedError",
     "AccessToken",
     "AlreadyExistsError",
+    "Classroom",
+    "ClassroomEvent",
     "ClassMeshClient",
     "ClassMeshError",
     "DeadlineExceededError",

@@ -4,6 +4,7 @@ Public names are re-exported here from private modules; `__all__` is the surface
 """
 
 from classmesh_sdk._base import DEFAULT
+from classmesh_sdk._classroom import Classroom, ClassroomEvent
 from classmesh_sdk._client import ClassMeshClient
 from classmesh_sdk._errors import (
     AbortedError,
@@ -31,6 +32,8 @@ __all__ = [
     "AlreadyExistsError",
     "ClassMeshClient",
     "ClassMeshError",
+    "Classroom",
+    "ClassroomEvent",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InternalError",
