@@ -358,8 +358,8 @@ class Feed:
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
     async def ready(self) -> None:
-        """Wait until the server has the subscription (it answers GetTimer-like reads only
-        after a first event or error: we poll until the stream is established)."""
+        """Give the server a moment to attach the subscription. Only for tests about live
+        delivery: a feed replays from `after_seq`, so nothing sent earlier is missed."""
         await asyncio.sleep(0.3)
 
     async def quiet(self, wait: float = 0.5) -> None:

@@ -282,6 +282,15 @@ def _http_url(v: Validator, name: str, value: str, hi: int) -> None:
         v.add(name, f"must be an http(s) URL of at most {hi} characters")
 
 
+def _json_size(value: Message) -> int | None:
+    """Bytes of `value` as compact JSON; None when it has no JSON form (NaN, infinity)."""
+    try:
+        as_dict = json_format.MessageToDict(value)
+        return len(json.dumps(as_dict, separators=(",", ":"), allow_nan=False))
+    except (ValueError, TypeError, json_format.Error):
+        return None
+
+
 def _respondent_key(salt: bytes, user_id: str) -> str:
     return hmac.new(salt, user_id.encode(), hashlib.sha256).hexdigest()[:32]
 
@@ -339,9 +348,9 @@ def _check_element(
     elif len(el.text) > 5000:
         v.add(f"{path}.text", "at most 5000 characters")
     if el.HasField("attributes"):
-        size = len(json.dumps(json_format.MessageToDict(el.attributes), separators=(",", ":")))
-        if size > 4096:
-            v.add(f"{path}.attributes", "at most 4 KB as JSON")
+        size = _json_size(el.attributes)
+        if size is None or size > 4096:
+            v.add(f"{path}.attributes", "at most 4 KB of JSON (no NaN or infinity)")
     if len(v.violations) > before:
         return None
     if el.kind == IX.WHITEBOARD_ELEMENT_KIND_TEXT and el.text:
@@ -1698,10 +1707,12 @@ class InteractionService:
             v.require_range("scene.slide_count", scene.slide_count, 0, 10_000)
             out["slide_count"] = scene.slide_count
         if "metadata" in paths:
-            meta = json_format.MessageToDict(scene.metadata)
-            if len(json.dumps(meta, separators=(",", ":"))) > 16_384:
-                v.add("scene.metadata", "at most 16 KB as JSON")
-            out["metadata"] = meta
+            size = _json_size(scene.metadata)
+            if size is None or size > 16_384:
+                v.add("scene.metadata", "at most 16 KB of JSON (no NaN or infinity)")
+                out["metadata"] = {}
+            else:
+                out["metadata"] = json_format.MessageToDict(scene.metadata)
         return out
 
     async def create_scene(
