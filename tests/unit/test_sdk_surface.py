@@ -42,6 +42,7 @@ EXPECTED_ALL = {
     "FailedPreconditionError",
     "InternalError",
     "InvalidArgumentError",
+    "MediaSession",
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",

@@ -21,6 +21,7 @@ from classmesh_sdk._errors import (
     UnavailableError,
     UnimplementedError,
 )
+from classmesh_sdk._media import MediaSession
 from classmesh_sdk._retry import NO_RETRY, Retry
 from classmesh_sdk._token import AccessToken
 
@@ -38,6 +39,7 @@ __all__ = [
     "FailedPreconditionError",
     "InternalError",
     "InvalidArgumentError",
+    "MediaSession",
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",

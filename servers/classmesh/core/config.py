@@ -81,6 +81,11 @@ class Config:
     presence_sweep_interval_seconds: float = 2.0
     #: Deadline (s) of SessionService's call to MediaService.CreateRouter on start.
     media_call_timeout_seconds: float = 10.0
+    #: Host addresses the SFU gathers ICE candidates on, comma-separated (empty = every
+    #: interface but loopback, aioice's default; tests pin 127.0.0.1).
+    media_ice_hosts: str = ""
+    #: Encoded frames queued per media consumer; a full video queue drops to the next keyframe.
+    media_consumer_queue_size: int = 64
     #: Seconds in-flight RPCs get to finish on SIGTERM.
     shutdown_grace_seconds: float = 5.0
     #: Name of the development tenant `classmesh up` creates.
@@ -169,6 +174,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         "heartbeat_timeout_seconds",
         "presence_sweep_interval_seconds",
         "media_call_timeout_seconds",
+        "media_consumer_queue_size",
         "chat_messages_per_minute",
         "chat_max_length",
         "chat_retention_days",

@@ -588,10 +588,15 @@ class SubscribeTracks(_message.Message):
     TRACK_IDS_FIELD_NUMBER: _builtins.int
     SPATIAL_LAYER_FIELD_NUMBER: _builtins.int
     TEMPORAL_LAYER_FIELD_NUMBER: _builtins.int
+    AUDIO_ONLY_FIELD_NUMBER: _builtins.int
     spatial_layer: _builtins.int
     """Initial spatial layer, 0-2 (default: highest allowed)."""
     temporal_layer: _builtins.int
     """Initial temporal layer, 0-2 (default: highest)."""
+    audio_only: _builtins.bool
+    """Audio-only mode: video tracks in track_ids are negotiated but no video is forwarded
+    (seed 003 graceful degradation chosen by the client).
+    """
     @_builtins.property
     def track_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Track ids to subscribe to, 1-100."""
@@ -602,10 +607,11 @@ class SubscribeTracks(_message.Message):
         track_ids: _abc.Iterable[_builtins.str] | None = ...,
         spatial_layer: _builtins.int = ...,
         temporal_layer: _builtins.int = ...,
+        audio_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["spatial_layer", b"spatial_layer", "temporal_layer", b"temporal_layer", "track_ids", b"track_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_only", b"audio_only", "spatial_layer", b"spatial_layer", "temporal_layer", b"temporal_layer", "track_ids", b"track_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -469,6 +469,14 @@ export declare type SubscribeTracks = Message<"classmesh.media.v1.SubscribeTrack
    * @generated from field: int32 temporal_layer = 3;
    */
   temporalLayer: number;
+
+  /**
+   * Audio-only mode: video tracks in track_ids are negotiated but no video is forwarded
+   * (seed 003 graceful degradation chosen by the client).
+   *
+   * @generated from field: bool audio_only = 4;
+   */
+  audioOnly: boolean;
 };
 
 /**
