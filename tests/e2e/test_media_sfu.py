@@ -17,6 +17,7 @@ from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
 from classmesh_sdk import MediaSession, PermissionDeniedError
+from classmesh_sdk._errors import from_rpc_error
 from tests.support.classroom import Mesh, add_student, classroom_mesh, live_class
 
 LOOPBACK = ["127.0.0.1"]
@@ -145,8 +146,7 @@ async def test_audio_only_consumer_and_moderator_mute(mesh: Mesh) -> None:
         await _video_frame(remote["video"], 5)
         await asyncio.wait_for(remote_ao["audio"].recv(), 5)
         await _no_video(remote_ao["video"], 2)
-        # Moderator mutes the instructor's camera (here the instructor is the publisher and
-        # mutes... a second instructor-free path: an admin mutes the publisher).
+        # An admin (moderator) mutes the publisher's camera.
         admin = mesh.client(f"admin-{uuid.uuid4().hex[:6]}", "admin")
         await admin.sessions.mute_participant(
             session_id=klass.id, user_id=klass.teacher, video=True
@@ -177,12 +177,11 @@ async def test_removed_participant_peer_closes_within_1s(mesh: Mesh) -> None:
     sub, remote = await _subscriber(klass.students[user], klass.id)
     try:
         await _video_frame(remote["video"], 5)
-        t0 = time.monotonic()
         await klass.inst.sessions.remove_participant(session_id=klass.id, user_id=user)
+        # The bound: the removed participant's peer is closed within 1 s.
         await asyncio.wait_for(sub.ended.wait(), 1.0)
-        assert time.monotonic() - t0 < 1.0
         assert sub.error is not None and sub.error.code().name == "PERMISSION_DENIED"
-        assert "PARTICIPANT_REMOVED" in str(sub.error.debug_error_string()) or True
+        assert from_rpc_error(sub.error).reason == "PARTICIPANT_REMOVED"
     finally:
         await sub.close()
         await pub.close()
