@@ -323,11 +323,14 @@ async def test_whiteboard_deltas_versions_conflicts_and_late_joiners(mesh: Mesh)
     )
     bad = stroke()
     bad.points.add(x=float("nan"), y=0)
-    await expect_error(
-        ca.interaction.update_whiteboard(scope=scope(sid), base_version=5, ops=[add(bad)]),
-        Code.INVALID_ARGUMENT,
-        "VALIDATION_FAILED",
-    )
+    odd = stroke()
+    odd.attributes.update({"weight": float("inf")})
+    for element in (bad, odd):
+        await expect_error(
+            ca.interaction.update_whiteboard(scope=scope(sid), base_version=5, ops=[add(element)]),
+            Code.INVALID_ARGUMENT,
+            "VALIDATION_FAILED",
+        )
     await follower.stop()
 
 
