@@ -15,10 +15,11 @@ import pytest
 from aiortc import AudioStreamTrack, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
+from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 
-from classmesh_sdk import MediaSession, PermissionDeniedError
+from classmesh_sdk import AccessToken, ClassMeshClient, MediaSession, PermissionDeniedError
 from classmesh_sdk._errors import from_rpc_error
-from tests.support.classroom import Mesh, add_student, classroom_mesh, live_class
+from tests.support.classroom import Mesh, add_student, classroom_mesh, join, live_class, uid
 
 LOOPBACK = ["127.0.0.1"]
 
@@ -205,3 +206,62 @@ async def test_non_admitted_cannot_signal(mesh: Mesh) -> None:
             signal={"signal_id": "s1", "session_id": klass.id, "leave": {}},
         )
     _ = add_student, fractions
+
+
+def _reason(status: Any) -> str:
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
+
+
+async def _student_with_caps(mesh: Mesh, klass: Any, caps: list[str]) -> ClassMeshClient:
+    user = uid("capped")
+    token = (
+        AccessToken(mesh.key_id, mesh.secret)
+        .with_tenant(mesh.tenant_id)
+        .with_identity(user, user)
+        .with_grants(session="*", role="student", caps=caps)
+        .to_jwt()
+    )
+    client = ClassMeshClient(mesh.target, token=token)
+    mesh._clients.append(client)
+    await join(client, klass.id)
+    return client
+
+
+async def test_publish_and_subscribe_need_their_capabilities(mesh: Mesh) -> None:
+    klass = await live_class(mesh)
+    pub, published = await _publisher(mesh, klass)
+    try:
+        no_publish = await _student_with_caps(mesh, klass, ["subscribe", "chat"])
+        no_subscribe = await _student_with_caps(mesh, klass, ["publish", "chat"])
+        # Unary twin: the reply is an error signal PERMISSION_DENIED / PERMISSION_MISSING.
+        for client, message in (
+            (no_publish, {"publish": {"client_track_id": "t1", "kind": "TRACK_KIND_AUDIO"}}),
+            (no_publish, {"offer": {"type": "SDP_TYPE_OFFER", "sdp": "v=0"}}),
+            (no_subscribe, {"subscribe": {"track_ids": [published[0].id]}}),
+        ):
+            resp = await client.media.send_signal(
+                request_id=uid("r"),
+                signal={"signal_id": "s1", "session_id": klass.id, **message},
+            )
+            assert resp.reply.WhichOneof("message") == "error", message
+            assert resp.reply.error.code == 7, resp.reply.error  # PERMISSION_DENIED
+            assert _reason(resp.reply.error) == "PERMISSION_MISSING"
+        # On the Signal stream: the same error signal, and nothing was published/consumed.
+        media = MediaSession(no_publish, klass.id, ice_hosts=LOOPBACK)
+        try:
+            await media.start()
+            with pytest.raises(RuntimeError, match="PERMISSION_MISSING|code: 7"):
+                await media.publish(AudioStreamTrack())
+        finally:
+            await media.close()
+        assert not any(s.WhichOneof("message") == "track_published" for s in pub.signals)
+        # With the capability the same subscribe works.
+        sub, remote = await _subscriber(no_publish, klass.id)
+        await sub.close()
+        assert set(remote) == {"audio", "video"}
+    finally:
+        await pub.close()

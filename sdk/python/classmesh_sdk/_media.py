@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,9 @@ class MediaSession:
         self.error: grpc.aio.AioRpcError | None = None
         self.ended = asyncio.Event()
         self._ids = itertools.count(1)
+        #: Signal ids unique to this session: the stream replays the peer's buffer, which may
+        #: hold replies to earlier calls (SendSignal, an earlier MediaSession) of the same user.
+        self._prefix = secrets.token_hex(4)
         self._replies: dict[str, asyncio.Future[M.ServerSignal]] = {}
         self._changed = asyncio.Event()
         self._call: Any = None
@@ -99,7 +103,7 @@ class MediaSession:
 
     async def request(self, timeout: float = 15.0, **message: Any) -> M.ServerSignal:
         """Send one ClientSignal and wait for its reply (raises on an error reply)."""
-        signal_id = f"s{next(self._ids)}"
+        signal_id = f"{self._prefix}-{next(self._ids)}"
         fut: asyncio.Future[M.ServerSignal] = asyncio.get_running_loop().create_future()
         self._replies[signal_id] = fut
         await self._send(signal_id, **message)
@@ -149,7 +153,7 @@ class MediaSession:
         await self.sub_pc.setRemoteDescription(desc)
         answer = await self.sub_pc.createAnswer()
         await self.sub_pc.setLocalDescription(answer)
-        signal_id = f"s{next(self._ids)}"
+        signal_id = f"{self._prefix}-{next(self._ids)}"
         await self._send(
             signal_id,
             answer=M.SessionDescription(

@@ -31,7 +31,7 @@ from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.sdp import candidate_from_sdp
 
 from classmesh.common.v1 import common_pb2
-from classmesh.core.auth import Principal
+from classmesh.core.auth import Principal, require
 from classmesh.core.db import connection
 from classmesh.core.errors import (
     ClassMeshError,
@@ -458,6 +458,10 @@ class MediaService:
         kind = signal.WhichOneof("message")
         entry = peer.router
         ack = M.ServerSignal(ack=M.SignalAck())
+        if kind in ("offer", "publish"):
+            require(principal, capability="publish")
+        elif kind == "subscribe":
+            require(principal, capability="subscribe")
         if kind == "offer":
             desc = signal.offer
             _check_sdp(desc, M.SDP_TYPE_OFFER, "offer")
