@@ -14,10 +14,12 @@ The subscribers live in WORKERS client processes (the same code reads both syste
 every message as a `SubscribeResponse`); the machine also runs the server and the sender,
 as FINDINGS' figures were measured. Every message carries its send time (monotonic clock,
 shared by the processes on Linux); latency = send call started -> a subscriber parsed it.
-For each offered rate (messages/s, open loop, STEP_S seconds) the table shows the delivered
+For each offered rate (messages/s, open loop, STEP_S seconds; the two systems alternate step
+by step, so load from elsewhere on the machine moves both) the table shows the delivered
 messages per second (deliveries / time from the first send to the last receipt), p50/p95/p99
-latency, and deliveries missing after the drain. Summary: the highest delivered rate with
-p95 < 100 ms for each system and their ratio (goal: ClassMesh >= 0.7 x bare).
+latency, and deliveries missing after the drain. Summary: per system, the highest delivered
+rate sustained with p95 < 100 ms (that step and every lower one), and their ratio (goal:
+ClassMesh >= 0.7 x bare).
 
 Run: .venv/bin/python bench/bench_fanout_chat.py   (about 3 minutes)
 Options: --subscribers N (500), --workers N (4), --rates 4,8,... (messages/s), --step S (4).
@@ -441,16 +443,20 @@ async def driver(args: argparse.Namespace) -> None:
         print_table(f"{system}: {n} subscribers in {args.workers} client processes", headers, rows)
 
     def best(system: str) -> Figure | None:
-        ok = [
-            f for f in figures if f.system == system and f.p95_ms < GOAL_P95_MS and f.missing == 0
-        ]
-        return max(ok, key=lambda f: f.delivered_per_s, default=None)
+        """The highest step that kept p95 < 100 ms with nothing missing, as did every lower
+        step (a lucky step above a failing one does not count)."""
+        out = None
+        for f in (f for f in figures if f.system == system):
+            if f.p95_ms >= GOAL_P95_MS or f.missing:
+                break
+            out = f
+        return out
 
     b, c = best("bare"), best("classmesh")
     bare_rate = b.delivered_per_s if b else 0.0
     cm_rate = c.delivered_per_s if c else 0.0
     print_table(
-        f"summary: highest delivered rate with p95 < {GOAL_P95_MS:.0f} ms and nothing missing",
+        f"summary: highest rate sustained with p95 < {GOAL_P95_MS:.0f} ms, nothing missing",
         ["system", "delivered/s", "p50 ms", "p95 ms", "p99 ms", "at offered msg/s"],
         [
             [s, f.delivered_per_s, f.p50_ms, f.p95_ms, f.p99_ms, f.offered_msgs_per_s]

@@ -60,6 +60,12 @@ async def test_str022_chat_history_and_hand_queue(mesh: Mesh) -> None:
     queue = await klass.inst.interaction.list_raised_hands(scope=scope(sid))
     assert [h.raiser.user_id for h in queue.hand_raises] == users
     assert queue.active_count == 3
+    first_two = await klass.inst.interaction.list_raised_hands(scope=scope(sid), page_size=2)
+    last = await klass.inst.interaction.list_raised_hands(
+        scope=scope(sid), page_size=2, page_token=first_two.next_page_token
+    )
+    assert [h.raiser.user_id for h in [*first_two.hand_raises, *last.hand_raises]] == users
+    assert [h.position for h in last.hand_raises] == [3]
     ack = await klass.inst.interaction.acknowledge_hand(
         session_id=sid, hand_raise_id=queue.hand_raises[0].id
     )

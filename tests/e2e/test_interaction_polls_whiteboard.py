@@ -223,6 +223,19 @@ async def test_poll_rules(mesh: Mesh) -> None:
     listed = await klass.students[a].interaction.list_polls(scope=scope(sid))
     assert [p.id for p in listed.polls] == [multi.id, poll.id]
     assert list(listed.polls[1].my_selection) == [2]
+    page = await klass.students[a].interaction.list_polls(scope=scope(sid), page_size=1)
+    rest = await klass.students[a].interaction.list_polls(
+        scope=scope(sid), page_size=1, page_token=page.next_page_token
+    )
+    assert [p.id for p in [*page.polls, *rest.polls]] == [multi.id, poll.id]
+    assert not rest.next_page_token
+    await klass.inst.interaction.close_poll(session_id=sid, poll_id=poll.id)
+    closed = await klass.students[a].interaction.list_polls(
+        scope=scope(sid), status=IX.POLL_STATUS_CLOSED
+    )
+    assert [p.id for p in closed.polls] == [poll.id]
+    final = await klass.students[b].interaction.get_poll_results(session_id=sid, poll_id=poll.id)
+    assert final.results.status == IX.POLL_STATUS_CLOSED  # students see results once closed
     await feed_b.stop()
     await feed_t.stop()
 

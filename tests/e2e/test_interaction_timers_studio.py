@@ -225,6 +225,15 @@ async def test_studio_scenes_slides_and_chapters(mesh: Mesh) -> None:
     await klass.inst.interaction.delete_scene(session_id=sid, scene_id=intro.id)
     scenes = (await student.interaction.list_scenes(session_id=sid)).scenes
     assert [s.id for s in scenes] == [board.id]
+    extra = [
+        (await klass.inst.interaction.create_scene(session_id=sid, name=f"S{i}")).scene.id
+        for i in range(3)
+    ]
+    page = await student.interaction.list_scenes(session_id=sid, page_size=2)
+    rest = await student.interaction.list_scenes(
+        session_id=sid, page_size=2, page_token=page.next_page_token
+    )
+    assert [s.id for s in [*page.scenes, *rest.scenes]] == [board.id, *extra]
     got = (await student.interaction.get_studio_state(session_id=sid)).studio
     assert got.active_scene.id == board.id and got.seq == switched.seq
     # every change is in the log in order, for replay chapters, and reached the student
@@ -241,6 +250,9 @@ async def test_studio_scenes_slides_and_chapters(mesh: Mesh) -> None:
         "scene_changed",
         "scene_updated",
         "scene_deleted",
+        "scene_created",
+        "scene_created",
+        "scene_created",
     ]
     slides = await feed.wait_count("slide_changed", 3)
     assert [e.slide_changed.slide.slide_index for e in slides] == [1, 2, 5]
