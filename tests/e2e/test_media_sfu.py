@@ -5,7 +5,10 @@ join (PLI), audio-only, moderator mute, removal closes the peer, non-admitted us
 from __future__ import annotations
 
 import asyncio
+import base64
 import fractions
+import hashlib
+import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,11 +20,19 @@ from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 
-from classmesh_sdk import AccessToken, ClassMeshClient, MediaSession, PermissionDeniedError
+from classmesh_sdk import (
+    AccessToken,
+    ClassMeshClient,
+    InvalidArgumentError,
+    MediaSession,
+    PermissionDeniedError,
+)
 from classmesh_sdk._errors import from_rpc_error
 from tests.support.classroom import Mesh, add_student, classroom_mesh, join, live_class, uid
 
 LOOPBACK = ["127.0.0.1"]
+TURN_SECRET = "coturn-static-auth-secret"
+TURN_URLS = "stun:turn.test:3478,turn:turn.test:3478?transport=udp"
 
 
 class Pattern(VideoStreamTrack):
@@ -53,7 +64,12 @@ async def mesh(
         redis_url,
         tmp_path_factory,
         "media",
-        extra_env={"CLASSMESH_MEDIA_ICE_HOSTS": "127.0.0.1"},
+        extra_env={
+            "CLASSMESH_MEDIA_ICE_HOSTS": "127.0.0.1",
+            "CLASSMESH_TURN_URLS": TURN_URLS,
+            "CLASSMESH_TURN_SECRET": TURN_SECRET,
+            "CLASSMESH_TURN_TTL_SECONDS": "600",
+        },
     ) as m:
         yield m
 
@@ -264,4 +280,91 @@ async def test_publish_and_subscribe_need_their_capabilities(mesh: Mesh) -> None
         await sub.close()
         assert set(remote) == {"audio", "video"}
     finally:
+        await pub.close()
+
+
+async def test_routers_tracks_capabilities_stats_and_turn(mesh: Mesh) -> None:
+    klass = await live_class(mesh, students=2)
+    a, b = list(klass.students)
+    pub, published = await _publisher(mesh, klass)
+    sub, remote = await _subscriber(klass.students[a], klass.id)
+    try:
+        await _video_frame(remote["video"], 5)
+        await asyncio.wait_for(remote["audio"].recv(), 5)
+        inst = klass.inst.media
+        # ListRouters: the one main-room router with its live counts.
+        routers = await inst.list_routers(session_id=klass.id)
+        assert routers.total_size == 1 and len(routers.routers) == 1
+        router = routers.routers[0]
+        assert router.breakout_room_id == "" and router.status == 1  # OPEN
+        assert (router.participant_count, router.producer_count, router.consumer_count) == (
+            2,
+            2,
+            2,
+        )
+        # ListTracks: publish order, paged.
+        tracks = await inst.list_tracks(session_id=klass.id)
+        assert [t.id for t in tracks.tracks] == [t.id for t in published]
+        first = await inst.list_tracks(session_id=klass.id, page_size=1)
+        assert [t.id for t in first.tracks] == [published[0].id] and first.next_page_token
+        second = await inst.list_tracks(
+            session_id=klass.id, page_size=1, page_token=first.next_page_token
+        )
+        assert [t.id for t in second.tracks] == [published[1].id]
+        assert not second.next_page_token
+        # Capabilities: VP8 + Opus only (passthrough never transcodes), aiortc's extensions.
+        caps = await klass.students[b].media.get_router_capabilities(session_id=klass.id)
+        assert caps.router_id == router.id
+        assert [(c.mime_type, c.clock_rate) for c in caps.capabilities.codecs] == [
+            ("audio/opus", 48000),
+            ("video/VP8", 90000),
+        ]
+        assert "nack pli" in caps.capabilities.codecs[1].rtcp_feedback
+        uris = {e.uri for e in caps.capabilities.header_extensions}
+        assert "urn:ietf:params:rtp-hdrext:sdes:mid" in uris
+        assert not caps.capabilities.simulcast
+        # Stats from the engine's counters.
+        await asyncio.sleep(1)
+        stats = (await inst.get_media_stats(session_id=klass.id)).routers
+        assert len(stats) == 1 and stats[0].router_id == router.id
+        r = stats[0]
+        assert (r.producer_count, r.consumer_count) == (2, 2)
+        assert r.received_frames > 30 and r.forwarded_frames > 30
+        assert r.forwarded_bytes > r.forwarded_frames
+        by_user = {p.user_id: p for p in r.participants}
+        assert set(by_user) == {klass.teacher, a}
+        assert by_user[klass.teacher].producer_count == 2
+        assert by_user[klass.teacher].received_frames == r.received_frames
+        assert by_user[a].consumer_count == 2
+        assert by_user[a].forwarded_frames == r.forwarded_frames
+        # A student sees only their own stats and may not ask for others'.
+        own = (await klass.students[a].media.get_media_stats(session_id=klass.id)).routers
+        assert [p.user_id for p in own[0].participants] == [a]
+        with pytest.raises(PermissionDeniedError):
+            await klass.students[a].media.get_media_stats(
+                session_id=klass.id, user_id=klass.teacher
+            )
+        # TURN REST credentials (coturn use-auth-secret).
+        before = int(time.time())
+        turn = await klass.students[b].media.get_turn_credentials(session_id=klass.id)
+        expiry, user = turn.username.split(":", 1)
+        assert user == b and before + 600 <= int(expiry) <= int(time.time()) + 600
+        digest = hmac.new(TURN_SECRET.encode(), turn.username.encode(), hashlib.sha1).digest()
+        assert turn.credential == base64.b64encode(digest).decode()
+        assert turn.ttl.seconds == 600 and turn.expire_time.seconds == int(expiry)
+        assert list(turn.urls) == TURN_URLS.split(",")
+        assert [(list(s.urls), s.username) for s in turn.ice_servers] == [
+            (["stun:turn.test:3478"], ""),
+            (["turn:turn.test:3478?transport=udp"], turn.username),
+        ]
+        short = await klass.students[b].media.get_turn_credentials(
+            session_id=klass.id, ttl={"seconds": 120}
+        )
+        assert short.ttl.seconds == 120
+        with pytest.raises(InvalidArgumentError):
+            await klass.students[b].media.get_turn_credentials(
+                session_id=klass.id, ttl={"seconds": 5}
+            )
+    finally:
+        await sub.close()
         await pub.close()

@@ -86,6 +86,13 @@ class Config:
     media_ice_hosts: str = ""
     #: Encoded frames queued per media consumer; a full video queue drops to the next keyframe.
     media_consumer_queue_size: int = 64
+    #: STUN/TURN URLs handed to clients with TURN credentials, comma-separated (coturn).
+    turn_urls: str = ""
+    #: coturn `static-auth-secret` (secret): TURN REST credentials are minted with it; empty =
+    #: GetTurnCredentials answers FAILED_PRECONDITION.
+    turn_secret: str = ""
+    #: Default lifetime (s) of TURN credentials (a request may ask for 60 s - 24 h).
+    turn_ttl_seconds: int = 3600
     #: Seconds in-flight RPCs get to finish on SIGTERM.
     shutdown_grace_seconds: float = 5.0
     #: Name of the development tenant `classmesh up` creates.
@@ -128,7 +135,7 @@ class Config:
         return out
 
 
-_SECRET_FIELDS = frozenset({"s3_secret_key"})
+_SECRET_FIELDS = frozenset({"s3_secret_key", "turn_secret"})
 _URL_FIELDS = frozenset({"database_url", "redis_url"})
 
 
@@ -175,6 +182,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         "presence_sweep_interval_seconds",
         "media_call_timeout_seconds",
         "media_consumer_queue_size",
+        "turn_ttl_seconds",
         "chat_messages_per_minute",
         "chat_max_length",
         "chat_retention_days",

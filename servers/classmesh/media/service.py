@@ -16,8 +16,11 @@ mute: the publisher keeps sending, the server forwards nothing).
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
+import hashlib
+import hmac
 import logging
 import time
 import uuid
@@ -27,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiortc import RTCRtpTransceiver, RTCSessionDescription
+from aiortc.codecs import CODECS, HEADER_EXTENSIONS
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.sdp import candidate_from_sdp
 
@@ -47,6 +51,7 @@ from classmesh.core.errors import (
 from classmesh.core.events import last_seq
 from classmesh.core.feeds import event_feed
 from classmesh.core.mutations import Outcome, run_mutation
+from classmesh.core.paging import decode_page_token, encode_page_token, page_size
 from classmesh.core.runtime import Runtime
 from classmesh.core.sessionguard import (
     ParticipantRef,
@@ -79,6 +84,9 @@ WATCHED = frozenset(
     }
 )
 _KIND = {M.TRACK_KIND_AUDIO: "audio", M.TRACK_KIND_VIDEO: "video"}
+_KIND_ENUM = {"audio": M.TRACK_KIND_AUDIO, "video": M.TRACK_KIND_VIDEO}
+#: TURN credential lifetimes a caller may ask for (s).
+TURN_TTL_MIN, TURN_TTL_MAX = 60, 86400
 _MIME = {"audio": "audio/opus", "video": "video/VP8"}
 
 
@@ -763,6 +771,154 @@ class MediaService:
                 producer.set_moderator_muted(muted)
                 track.muted = muted or producer.muted
                 self._broadcast_pause(entry, producer, muted, M.PAUSE_REASON_MODERATOR)
+
+    # ------------------------------------------------------------------ read-only RPCs
+
+    def list_routers(
+        self,
+        principal: Principal,
+        session_id: str,
+        size: int,
+        token: str,
+        include_closed: bool,
+    ) -> tuple[list[M.Router], str, int]:
+        """Routers of one session (or of the tenant, admins), main room first, then by age."""
+        if session_id:
+            self.check_token(principal, session_id)
+        elif principal.role != "admin":
+            raise PermissionDenied(
+                "PERMISSION_MISSING", "only admins may list the routers of every session"
+            )
+        limit = page_size(size, default=50, cap=100)
+        cursor = decode_page_token(token, 1, reason="PAGE_TOKEN_INVALID")
+        offset = int(cursor[0]) if cursor and isinstance(cursor[0], int) else 0
+        rows = sorted(
+            (
+                e
+                for e in self.routers.values()
+                if e.tenant_id == principal.tenant_id
+                and (not session_id or e.session_id == session_id)
+                and (include_closed or e.close_time is None)
+            ),
+            key=lambda e: (e.session_id, e.breakout_room_id != "", e.create_time, e.engine.id),
+        )
+        page = rows[offset : offset + limit]
+        more = offset + limit < len(rows)
+        return (
+            [e.proto() for e in page],
+            encode_page_token(offset + limit) if more else "",
+            len(rows),
+        )
+
+    def list_tracks(
+        self, principal: Principal, session_id: str, room_id: str, size: int, token: str
+    ) -> tuple[list[M.Track], str]:
+        limit = page_size(size, default=100, cap=500)
+        cursor = decode_page_token(token, 1, reason="PAGE_TOKEN_INVALID")
+        offset = int(cursor[0]) if cursor and isinstance(cursor[0], int) else 0
+        self.check_token(principal, session_id)
+        entry = self.open.get((principal.tenant_id, session_id, room_id))
+        tracks = list(entry.tracks.values()) if entry else []  # insertion = publish order
+        more = offset + limit < len(tracks)
+        return tracks[offset : offset + limit], encode_page_token(offset + limit) if more else ""
+
+    def capabilities(self, principal: Principal, session_id: str, room_id: str) -> tuple[str, Any]:
+        """What the aiortc back-end negotiates: VP8 and Opus only (passthrough never
+        transcodes, so every peer must use the publisher's codec)."""
+        self.check_token(principal, session_id)
+        entry = self.open.get((principal.tenant_id, session_id, room_id))
+        caps = M.RouterCapabilities(simulcast=False, max_spatial_layer=0)
+        for kind, mime in _MIME.items():
+            for codec in CODECS[kind]:
+                if codec.mimeType.lower() != mime.lower():
+                    continue
+                caps.codecs.append(
+                    M.RtpCodecCapability(
+                        mime_type=codec.mimeType,
+                        kind=_KIND_ENUM[kind],
+                        clock_rate=codec.clockRate,
+                        channels=codec.channels or 0,
+                        preferred_payload_type=codec.payloadType or 0,
+                        parameters={k: str(v) for k, v in codec.parameters.items()},
+                        rtcp_feedback=[
+                            f"{fb.type} {fb.parameter}" if fb.parameter else fb.type
+                            for fb in codec.rtcpFeedback
+                        ],
+                    )
+                )
+            for ext in HEADER_EXTENSIONS[kind]:
+                caps.header_extensions.append(
+                    M.RtpHeaderExtension(uri=ext.uri, preferred_id=ext.id, kind=_KIND_ENUM[kind])
+                )
+        return (entry.engine.id if entry else ""), caps
+
+    def turn_credentials(
+        self, principal: Principal, session_id: str, ttl: int | None, now: float | None = None
+    ) -> tuple[str, str, int, int, list[str]]:
+        """coturn TURN REST credentials (`use-auth-secret`): username "<expiry>:<user>",
+        credential base64(HMAC-SHA1(secret, username)); returns them, ttl, expiry, urls."""
+        self.check_token(principal, session_id)
+        cfg = self.runtime.config
+        urls = [u.strip() for u in cfg.turn_urls.split(",") if u.strip()]
+        if not cfg.turn_secret or not urls:
+            raise FailedPrecondition(
+                "FEATURE_DISABLED",
+                "TURN is not configured on this deployment "
+                "(set CLASSMESH_TURN_SECRET and CLASSMESH_TURN_URLS)",
+            )
+        lifetime = ttl if ttl is not None else cfg.turn_ttl_seconds
+        expiry = int(now if now is not None else time.time()) + lifetime
+        username = f"{expiry}:{principal.subject}"
+        digest = hmac.new(cfg.turn_secret.encode(), username.encode(), hashlib.sha1).digest()
+        return username, base64.b64encode(digest).decode(), lifetime, expiry, urls[:10]
+
+    def media_stats(
+        self, principal: Principal, session_id: str, room_id: str | None, user_id: str
+    ) -> list[M.RouterStats]:
+        self.check_token(principal, session_id)
+        moderator = principal.role in STAFF or principal.can("moderate")
+        if not user_id and not moderator:
+            user_id = principal.subject
+        if user_id and user_id != principal.subject and not moderator:
+            raise PermissionDenied("PERMISSION_MISSING", "only moderators see others' media stats")
+        out: list[M.RouterStats] = []
+        for (tenant, session, room), entry in sorted(self.open.items()):
+            if (tenant, session) != (principal.tenant_id, session_id):
+                continue
+            if room_id is not None and room != room_id:
+                continue
+            producers = list(entry.engine.producers.values())
+            consumers = [c for p in producers for c in p.consumers.values()]
+            stats = M.RouterStats(
+                router_id=entry.engine.id,
+                breakout_room_id=room,
+                producer_count=len(producers),
+                consumer_count=len(consumers),
+                forwarded_frames=sum(c.sent_packets for c in consumers),
+                forwarded_bytes=sum(c.sent_bytes for c in consumers),
+                dropped_frames=sum(c.dropped_packets for c in consumers),
+                received_frames=sum(p.frames_in for p in producers),
+            )
+            stats.sample_time.GetCurrentTime()
+            for uid_, peer in sorted(entry.peers.items()):
+                if user_id and uid_ != user_id:
+                    continue
+                mine = [c for c in consumers if c.user_id == uid_]
+                own = [p for p in producers if p.user_id == uid_]
+                stats.participants.append(
+                    M.ParticipantMediaStats(
+                        participant_id=peer.participant_id,
+                        user_id=uid_,
+                        producer_count=len(own),
+                        consumer_count=len(mine),
+                        forwarded_frames=sum(c.sent_packets for c in mine),
+                        forwarded_bytes=sum(c.sent_bytes for c in mine),
+                        dropped_frames=sum(c.dropped_packets for c in mine),
+                        received_frames=sum(p.frames_in for p in own),
+                    )
+                )
+            out.append(stats)
+        return out
 
 
 def _check_sdp(desc: M.SessionDescription, expected: int, name: str) -> None:

@@ -20,8 +20,8 @@ from classmesh.core.auth import Principal, current_principal
 from classmesh.core.errors import InvalidArgument, Validator
 from classmesh.core.runtime import Runtime
 from classmesh.media.engine import hooks
-from classmesh.media.service import MediaService, Peer
-from classmesh.media.v1 import media_service_pb2, media_service_pb2_grpc
+from classmesh.media.service import TURN_TTL_MAX, TURN_TTL_MIN, MediaService, Peer
+from classmesh.media.v1 import media_pb2, media_service_pb2, media_service_pb2_grpc
 
 __all__ = ["MediaServicer", "SERVICER_CLASS", "create_servicer"]
 
@@ -159,6 +159,87 @@ class MediaServicer(media_service_pb2_grpc.MediaServiceServicer):
             principal.tenant_id, session_id, request.user_id, None
         )
         return R.DisconnectParticipantResponse(unpublished_track_ids=ids)
+
+    # ------------------------------------------------------------------ read-only
+
+    async def ListRouters(
+        self, request: R.ListRoutersRequest, context: _Ctx
+    ) -> R.ListRoutersResponse:
+        principal = _principal(context)
+        v = Validator()
+        session_id = v.require_uuid("session_id", request.session_id) if request.session_id else ""
+        v.require_range("page_size", request.page_size, 0, 2**31 - 1)
+        v.raise_if_any()
+        routers, token, total = self.service.list_routers(
+            principal, session_id, request.page_size, request.page_token, request.include_closed
+        )
+        return R.ListRoutersResponse(routers=routers, next_page_token=token, total_size=total)
+
+    async def ListTracks(self, request: R.ListTracksRequest, context: _Ctx) -> R.ListTracksResponse:
+        principal = _principal(context)
+        v = Validator()
+        session_id = v.require_uuid("session_id", request.session_id)
+        room_id = _room(v, "breakout_room_id", request.breakout_room_id)
+        v.require_range("page_size", request.page_size, 0, 2**31 - 1)
+        v.raise_if_any()
+        tracks, token = self.service.list_tracks(
+            principal, session_id, room_id, request.page_size, request.page_token
+        )
+        return R.ListTracksResponse(tracks=tracks, next_page_token=token)
+
+    async def GetRouterCapabilities(
+        self, request: R.GetRouterCapabilitiesRequest, context: _Ctx
+    ) -> R.GetRouterCapabilitiesResponse:
+        principal = _principal(context)
+        v = Validator()
+        session_id = v.require_uuid("session_id", request.session_id)
+        room_id = _room(v, "breakout_room_id", request.breakout_room_id)
+        v.raise_if_any()
+        router_id, caps = self.service.capabilities(principal, session_id, room_id)
+        return R.GetRouterCapabilitiesResponse(router_id=router_id, capabilities=caps)
+
+    async def GetTurnCredentials(
+        self, request: R.GetTurnCredentialsRequest, context: _Ctx
+    ) -> R.GetTurnCredentialsResponse:
+        principal = _principal(context)
+        v = Validator()
+        session_id = v.require_uuid("session_id", request.session_id)
+        ttl: int | None = None
+        if request.HasField("ttl"):
+            ttl = request.ttl.seconds
+            v.check(
+                request.ttl.nanos == 0 and TURN_TTL_MIN <= ttl <= TURN_TTL_MAX,
+                "ttl",
+                f"must be whole seconds, {TURN_TTL_MIN}-{TURN_TTL_MAX}",
+            )
+        v.raise_if_any()
+        username, credential, lifetime, expiry, urls = self.service.turn_credentials(
+            principal, session_id, ttl
+        )
+        resp = R.GetTurnCredentialsResponse(username=username, credential=credential, urls=urls)
+        resp.ttl.seconds = lifetime
+        resp.expire_time.seconds = expiry
+        stun = [u for u in urls if u.startswith("stun:")]
+        turn = [u for u in urls if not u.startswith("stun:")]
+        if stun:
+            resp.ice_servers.append(media_pb2.IceServer(urls=stun))
+        if turn:
+            resp.ice_servers.append(
+                media_pb2.IceServer(urls=turn, username=username, credential=credential)
+            )
+        return resp
+
+    async def GetMediaStats(
+        self, request: R.GetMediaStatsRequest, context: _Ctx
+    ) -> R.GetMediaStatsResponse:
+        principal = _principal(context)
+        v = Validator()
+        session_id = v.require_uuid("session_id", request.session_id)
+        room_id = _room(v, "breakout_room_id", request.breakout_room_id)
+        v.require_len("user_id", request.user_id, 0, 128)
+        v.raise_if_any()
+        routers = self.service.media_stats(principal, session_id, room_id or None, request.user_id)
+        return R.GetMediaStatsResponse(routers=routers)
 
 
 SERVICER_CLASS = MediaServicer

@@ -94,6 +94,7 @@ class Consumer:
     audio_only: bool = False
     waiting_keyframe: bool = True
     sent_packets: int = 0
+    sent_bytes: int = 0
     dropped_packets: int = 0
 
     @property
@@ -124,6 +125,7 @@ class Consumer:
                 self.dropped_packets += 1
         q.put_nowait(packet)
         self.sent_packets += 1
+        self.sent_bytes += packet.size
 
     def restart(self) -> None:
         """After a pause: wait for (and ask for) a keyframe."""

@@ -1317,6 +1317,10 @@ class ParticipantMediaStats(_message.Message):
     PRODUCER_COUNT_FIELD_NUMBER: _builtins.int
     CONSUMER_COUNT_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
+    FORWARDED_FRAMES_FIELD_NUMBER: _builtins.int
+    FORWARDED_BYTES_FIELD_NUMBER: _builtins.int
+    DROPPED_FRAMES_FIELD_NUMBER: _builtins.int
+    RECEIVED_FRAMES_FIELD_NUMBER: _builtins.int
     participant_id: _builtins.str
     """Participant id (UUID)."""
     user_id: _builtins.str
@@ -1335,6 +1339,14 @@ class ParticipantMediaStats(_message.Message):
     """Consumers (subscriptions)."""
     quality: Global___ConnectionQuality.ValueType
     """Quality grade."""
+    forwarded_frames: _builtins.int
+    """Encoded frames forwarded to this participant's consumers (cumulative)."""
+    forwarded_bytes: _builtins.int
+    """Bytes of those frames (payload, cumulative)."""
+    dropped_frames: _builtins.int
+    """Frames dropped for this participant's consumers (keyframe wait, full queue; cumulative)."""
+    received_frames: _builtins.int
+    """Encoded frames received from this participant's producers (cumulative)."""
     @_builtins.property
     def jitter(self) -> _duration_pb2.Duration:
         """Interarrival jitter."""
@@ -1357,10 +1369,14 @@ class ParticipantMediaStats(_message.Message):
         producer_count: _builtins.int = ...,
         consumer_count: _builtins.int = ...,
         quality: Global___ConnectionQuality.ValueType = ...,
+        forwarded_frames: _builtins.int = ...,
+        forwarded_bytes: _builtins.int = ...,
+        dropped_frames: _builtins.int = ...,
+        received_frames: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["jitter", b"jitter", "round_trip_time", b"round_trip_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_count", b"consumer_count", "jitter", b"jitter", "packet_loss_ratio", b"packet_loss_ratio", "packets_lost", b"packets_lost", "participant_id", b"participant_id", "producer_count", b"producer_count", "quality", b"quality", "receive_bitrate_bps", b"receive_bitrate_bps", "round_trip_time", b"round_trip_time", "send_bitrate_bps", b"send_bitrate_bps", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_count", b"consumer_count", "dropped_frames", b"dropped_frames", "forwarded_bytes", b"forwarded_bytes", "forwarded_frames", b"forwarded_frames", "jitter", b"jitter", "packet_loss_ratio", b"packet_loss_ratio", "packets_lost", b"packets_lost", "participant_id", b"participant_id", "producer_count", b"producer_count", "quality", b"quality", "receive_bitrate_bps", b"receive_bitrate_bps", "received_frames", b"received_frames", "round_trip_time", b"round_trip_time", "send_bitrate_bps", b"send_bitrate_bps", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1380,6 +1396,10 @@ class RouterStats(_message.Message):
     CONSUMER_COUNT_FIELD_NUMBER: _builtins.int
     PARTICIPANTS_FIELD_NUMBER: _builtins.int
     SAMPLE_TIME_FIELD_NUMBER: _builtins.int
+    FORWARDED_FRAMES_FIELD_NUMBER: _builtins.int
+    FORWARDED_BYTES_FIELD_NUMBER: _builtins.int
+    DROPPED_FRAMES_FIELD_NUMBER: _builtins.int
+    RECEIVED_FRAMES_FIELD_NUMBER: _builtins.int
     router_id: _builtins.str
     """Router id (UUID)."""
     breakout_room_id: _builtins.str
@@ -1392,6 +1412,14 @@ class RouterStats(_message.Message):
     """Producers."""
     consumer_count: _builtins.int
     """Consumers."""
+    forwarded_frames: _builtins.int
+    """Encoded frames forwarded to consumers (cumulative)."""
+    forwarded_bytes: _builtins.int
+    """Bytes of those frames (payload, cumulative)."""
+    dropped_frames: _builtins.int
+    """Frames dropped for consumers (keyframe wait, full queue; cumulative)."""
+    received_frames: _builtins.int
+    """Encoded frames received from producers (cumulative)."""
     @_builtins.property
     def participants(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParticipantMediaStats]:
         """Per participant stats."""
@@ -1411,10 +1439,14 @@ class RouterStats(_message.Message):
         consumer_count: _builtins.int = ...,
         participants: _abc.Iterable[Global___ParticipantMediaStats] | None = ...,
         sample_time: _timestamp_pb2.Timestamp | None = ...,
+        forwarded_frames: _builtins.int = ...,
+        forwarded_bytes: _builtins.int = ...,
+        dropped_frames: _builtins.int = ...,
+        received_frames: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sample_time", b"sample_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakout_room_id", b"breakout_room_id", "consumer_count", b"consumer_count", "egress_bitrate_bps", b"egress_bitrate_bps", "ingress_bitrate_bps", b"ingress_bitrate_bps", "participants", b"participants", "producer_count", b"producer_count", "router_id", b"router_id", "sample_time", b"sample_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakout_room_id", b"breakout_room_id", "consumer_count", b"consumer_count", "dropped_frames", b"dropped_frames", "egress_bitrate_bps", b"egress_bitrate_bps", "forwarded_bytes", b"forwarded_bytes", "forwarded_frames", b"forwarded_frames", "ingress_bitrate_bps", b"ingress_bitrate_bps", "participants", b"participants", "producer_count", b"producer_count", "received_frames", b"received_frames", "router_id", b"router_id", "sample_time", b"sample_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1316,6 +1316,34 @@ export declare type ParticipantMediaStats = Message<"classmesh.media.v1.Particip
    * @generated from field: classmesh.media.v1.ConnectionQuality quality = 11;
    */
   quality: ConnectionQuality;
+
+  /**
+   * Encoded frames forwarded to this participant's consumers (cumulative).
+   *
+   * @generated from field: int64 forwarded_frames = 12;
+   */
+  forwardedFrames: bigint;
+
+  /**
+   * Bytes of those frames (payload, cumulative).
+   *
+   * @generated from field: int64 forwarded_bytes = 13;
+   */
+  forwardedBytes: bigint;
+
+  /**
+   * Frames dropped for this participant's consumers (keyframe wait, full queue; cumulative).
+   *
+   * @generated from field: int64 dropped_frames = 14;
+   */
+  droppedFrames: bigint;
+
+  /**
+   * Encoded frames received from this participant's producers (cumulative).
+   *
+   * @generated from field: int64 received_frames = 15;
+   */
+  receivedFrames: bigint;
 };
 
 /**
@@ -1385,6 +1413,34 @@ export declare type RouterStats = Message<"classmesh.media.v1.RouterStats"> & {
    * @generated from field: google.protobuf.Timestamp sample_time = 8;
    */
   sampleTime?: Timestamp | undefined;
+
+  /**
+   * Encoded frames forwarded to consumers (cumulative).
+   *
+   * @generated from field: int64 forwarded_frames = 9;
+   */
+  forwardedFrames: bigint;
+
+  /**
+   * Bytes of those frames (payload, cumulative).
+   *
+   * @generated from field: int64 forwarded_bytes = 10;
+   */
+  forwardedBytes: bigint;
+
+  /**
+   * Frames dropped for consumers (keyframe wait, full queue; cumulative).
+   *
+   * @generated from field: int64 dropped_frames = 11;
+   */
+  droppedFrames: bigint;
+
+  /**
+   * Encoded frames received from producers (cumulative).
+   *
+   * @generated from field: int64 received_frames = 12;
+   */
+  receivedFrames: bigint;
 };
 
 /**
