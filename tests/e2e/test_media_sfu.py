@@ -28,7 +28,15 @@ from classmesh_sdk import (
     PermissionDeniedError,
 )
 from classmesh_sdk._errors import from_rpc_error
-from tests.support.classroom import Mesh, add_student, classroom_mesh, join, live_class, uid
+from tests.support.classroom import (
+    Mesh,
+    add_student,
+    classroom_mesh,
+    join,
+    live_class,
+    open_breakout_room,
+    uid,
+)
 
 LOOPBACK = ["127.0.0.1"]
 TURN_SECRET = "coturn-static-auth-secret"
@@ -368,3 +376,112 @@ async def test_routers_tracks_capabilities_stats_and_turn(mesh: Mesh) -> None:
     finally:
         await sub.close()
         await pub.close()
+
+
+async def _frames_flow(track: Any, count: int = 5, timeout: float = 5) -> None:
+    for _ in range(count):
+        await _video_frame(track, timeout)
+
+
+async def _stops(track: Any) -> None:
+    """Nothing more arrives on `track` (ended, or silent after draining what was queued)."""
+    with pytest.raises((TimeoutError, MediaStreamError)):
+        for _ in range(200):
+            await asyncio.wait_for(track.recv(), 1.5)
+
+
+async def test_breakout_isolation(mesh: Mesh) -> None:
+    klass = await live_class(mesh, students=3)
+    a, b, c = list(klass.students)
+    room_a = await open_breakout_room(mesh, klass.id, [a, b])
+    room_b = await open_breakout_room(mesh, klass.id, [c])
+    pub_b = MediaSession(klass.students[c], klass.id, breakout_room_id=room_b, ice_hosts=LOOPBACK)
+    pub_a = MediaSession(klass.students[b], klass.id, breakout_room_id=room_a, ice_hosts=LOOPBACK)
+    sub = MediaSession(klass.students[a], klass.id, breakout_room_id=room_a, ice_hosts=LOOPBACK)
+    try:
+        await pub_b.start()
+        in_b = await pub_b.publish(Pattern(), AudioStreamTrack())
+        await pub_a.start()
+        in_a = await pub_a.publish(Pattern(), AudioStreamTrack())
+        await sub.start()
+        tracks = await sub.wait_tracks(2)
+        assert {t.id for t in tracks} == {t.id for t in in_a}
+        assert {t.breakout_room_id for t in tracks} == {room_a}
+        # Room B's track ids do not exist in room A's router.
+        with pytest.raises(RuntimeError, match="TRACK_NOT_FOUND"):
+            await sub.subscribe([in_b[0].id])
+        await sub.subscribe([t.id for t in tracks])
+        remote = await _remote(sub, 2)
+        await _frames_flow(remote["video"])
+        await asyncio.sleep(1)
+        # Nothing of room B ever reached the room A subscriber.
+        assert sub.remote_tracks.empty()
+        assert not set(sub.tracks) & {t.id for t in in_b}
+        stats = (await klass.inst.media.get_media_stats(session_id=klass.id)).routers
+        by_room = {r.breakout_room_id: r for r in stats}
+        assert by_room[room_b].forwarded_frames == 0 and by_room[room_b].received_frames > 0
+        assert by_room[room_a].forwarded_frames > 0
+        assert {p.user_id for p in by_room[room_b].participants} == {c}
+    finally:
+        for m in (sub, pub_a, pub_b):
+            await m.close()
+
+
+async def test_move_main_breakout_main(mesh: Mesh) -> None:
+    klass = await live_class(mesh, students=2)
+    a, b = list(klass.students)
+    room = await open_breakout_room(mesh, klass.id, [a, b])
+    main_pub, main_tracks = await _publisher(mesh, klass)
+    room_pub = MediaSession(klass.students[b], klass.id, breakout_room_id=room, ice_hosts=LOOPBACK)
+    try:
+        await room_pub.start()
+        room_tracks = await room_pub.publish(Pattern(), AudioStreamTrack())
+        sub, remote = await _subscriber(klass.students[a], klass.id)
+        await _frames_flow(remote["video"])
+        inst = klass.inst.media
+        # main -> breakout: old media stops, the room's media flows, within the 3 s target.
+        t0 = time.monotonic()
+        moved = await inst.move_participant(
+            request_id=uid("mv"), session_id=klass.id, user_id=a, to_breakout_room_id=room
+        )
+        assert moved.to_router.breakout_room_id == room and moved.from_router_id
+        await sub.wait_moved(1)
+        assert sub.breakout_room_id == room
+        tracks = await sub.wait_tracks(2)
+        assert {t.id for t in tracks} == {t.id for t in room_tracks}
+        await sub.subscribe([t.id for t in tracks])
+        new_remote = await _remote(sub, 2)
+        await _video_frame(new_remote["video"], 3)
+        to_room = time.monotonic() - t0
+        assert to_room < 3.0, f"move took {to_room:.2f} s"
+        await _stops(remote["video"])
+        await _frames_flow(new_remote["video"])
+        stats = (await inst.get_media_stats(session_id=klass.id)).routers
+        by_room = {r.breakout_room_id: r for r in stats}
+        assert a not in {p.user_id for p in by_room[""].participants}
+        assert {p.user_id: p.consumer_count for p in by_room[room].participants}[a] == 2
+        # breakout -> main: the main room's media flows again, the room's stops.
+        await inst.move_participant(request_id=uid("mv"), session_id=klass.id, user_id=a)
+        await sub.wait_moved(2)
+        assert sub.breakout_room_id == ""
+        tracks = await sub.wait_tracks(2)
+        assert {t.id for t in tracks} == {t.id for t in main_tracks}
+        await sub.subscribe([t.id for t in tracks])
+        back = await _remote(sub, 2)
+        await _frames_flow(back["video"])
+        await _stops(new_remote["video"])
+        # A publisher moves too: its tracks are re-published in the new room (new ids).
+        await inst.move_participant(request_id=uid("mv"), session_id=klass.id, user_id=b)
+        await room_pub.wait_moved(1)
+        listed = (await inst.list_tracks(session_id=klass.id)).tracks
+        moved_ids = [t.id for t in listed if t.user_id == b]
+        assert len(moved_ids) == 2 and not set(moved_ids) & {t.id for t in room_tracks}
+        assert not (await inst.list_tracks(session_id=klass.id, breakout_room_id=room)).tracks
+        await sub.wait_tracks(4)
+        await sub.subscribe(moved_ids)
+        from_b = await _remote(sub, 2)
+        await _frames_flow(from_b["video"])
+        await sub.close()
+    finally:
+        await room_pub.close()
+        await main_pub.close()

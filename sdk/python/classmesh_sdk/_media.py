@@ -74,6 +74,9 @@ class MediaSession:
         #: The error the stream ended with (removed, session ended), if any.
         self.error: grpc.aio.AioRpcError | None = None
         self.ended = asyncio.Event()
+        #: Moves to another room (RouterMoved) so far, and the current router id if known.
+        self.moves = 0
+        self.router_id = ""
         self._ids = itertools.count(1)
         #: Signal ids unique to this session: the stream replays the peer's buffer, which may
         #: hold replies to earlier calls (SendSignal, an earlier MediaSession) of the same user.
@@ -143,10 +146,32 @@ class MediaSession:
             self.tracks[signal.track_published.id] = signal.track_published
         elif kind == "track_unpublished":
             self.tracks.pop(signal.track_unpublished.id, None)
+        elif kind == "router_moved":
+            await self._moved(signal.router_moved)
         fut = self._replies.pop(signal.signal_id, None) if signal.signal_id else None
         if fut is not None and not fut.done():
             fut.set_result(signal)
         self._changed.set()
+
+    async def _moved(self, moved: M.RouterMoved) -> None:
+        """A moderator moved us to another room: the server keeps our publisher connection
+        (our tracks are re-published there under new ids) and replaces the subscriber one,
+        so do the same; the new room's tracks are announced next, subscribe to them again."""
+        self.breakout_room_id = moved.breakout_room_id
+        self.router_id = moved.to_router_id
+        self.tracks.clear()
+        old = self.sub_pc
+        self.sub_pc = self._aiortc.RTCPeerConnection(self._aiortc.RTCConfiguration(iceServers=[]))
+        self.sub_pc.on("track", self.remote_tracks.put_nowait)
+        await old.close()
+        self.moves += 1
+
+    async def wait_moved(self, count: int = 1, timeout: float = 10.0) -> None:
+        """Wait until this session has been moved `count` times in all."""
+        async with asyncio.timeout(timeout):
+            while self.moves < count:
+                self._changed.clear()
+                await self._changed.wait()
 
     async def _answer(self, sdp: str) -> None:
         desc = self._aiortc.RTCSessionDescription(sdp=sdp, type="offer")

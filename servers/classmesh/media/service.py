@@ -415,6 +415,108 @@ class MediaService:
                 unpublished.append(producer_id)
         return unpublished
 
+    # ------------------------------------------------------------------ moves
+
+    async def move_participant(
+        self, principal: Principal, session_id: str, user_id: str, to_room: str
+    ) -> tuple[str, RouterEntry]:
+        """Move a participant's media to the router of `to_room` ("" = main room)."""
+        self.check_token(principal, session_id)
+        self.check_staff(principal)
+        async with connection(self.runtime.pool) as conn:
+            await require_live_session(conn, principal.tenant_id, session_id, live=True)
+            await require_participant(conn, principal.tenant_id, session_id, user_id)
+            if to_room:
+                await store.require_breakout_room(conn, principal.tenant_id, session_id, to_room)
+        target, _ = await self.create_router(principal, session_id, to_room, check_session=False)
+        current = next(
+            (
+                e
+                for k, e in self.open.items()
+                if k[:2] == (principal.tenant_id, session_id)
+                and user_id in e.peers
+                and not e.peers[user_id].closed
+            ),
+            None,
+        )
+        if current is None:
+            return "", target
+        if current is not target:
+            await self._move(principal, current.peers[user_id], current, target)
+        return current.engine.id, target
+
+    async def _move(
+        self, principal: Principal, peer: Peer, old: RouterEntry, new: RouterEntry
+    ) -> None:
+        """Close the peer's consumers and producers in `old`, re-create its producers in `new`
+        on the same receivers (the publisher connection stays), replace the subscriber
+        connection (the client renegotiates on RouterMoved: the server offers again when it
+        subscribes) and announce the new room's tracks."""
+        old.peers.pop(peer.user_id, None)
+        for consumer in peer.consumers.values():
+            consumer.close()
+        peer.consumers.clear()
+        moved: list[tuple[Producer, M.Track | None]] = []
+        for producer_id, producer in list(peer.producers.items()):
+            moved.append((producer, old.tracks.get(producer_id)))
+            await self._unpublish(old, peer, producer_id, principal)
+        pending = {p.id for p in peer.pending}
+        peer.pending = []
+        old.engine.peer_connections.discard(peer.pub_pc)
+        new.engine.peer_connections.add(peer.pub_pc)
+        await old.engine.close_peer_connection(peer.sub_pc)
+        peer.sub_pc = new.engine.new_peer_connection()
+        peer.sub_offer_pending = peer.sub_renegotiate = False
+        peer.router = new
+        stale = new.peers.get(peer.user_id)
+        if stale is not None and stale is not peer:
+            await stale.close()
+        new.peers[peer.user_id] = peer
+        peer.push(
+            M.ServerSignal(
+                router_moved=M.RouterMoved(
+                    from_router_id=old.engine.id,
+                    to_router_id=new.engine.id,
+                    breakout_room_id=new.breakout_room_id,
+                )
+            )
+        )
+        for track in new.tracks.values():
+            if track.user_id != peer.user_id:
+                peer.push(M.ServerSignal(track_published=track))
+        for producer, old_track in moved:
+            fresh = Producer(
+                id=str(uuid.uuid4()),
+                kind=producer.kind,
+                user_id=producer.user_id,
+                participant_id=producer.participant_id,
+                client_track_id=producer.client_track_id,
+                mime_type=producer.mime_type,
+                muted=producer.muted,
+                paused=producer.paused,
+                moderator_muted=producer.moderator_muted,
+                ssrc=producer.ssrc,
+            )
+            track = M.Track()
+            if old_track is not None:
+                track.CopyFrom(old_track)
+            track.id = fresh.id
+            track.router_id = new.engine.id
+            track.breakout_room_id = new.breakout_room_id
+            track.publish_time.GetCurrentTime()
+            with contextlib.suppress(ClassMeshError):
+                await self._log_track(principal, track, published=True)
+            new.engine.add_producer(fresh)
+            new.tracks[fresh.id] = track
+            peer.producers[fresh.id] = fresh
+            if producer.id in pending or producer.receiver is None:
+                peer.pending.append(fresh)
+            else:
+                new.engine.attach_receiver(fresh, producer.receiver)
+            for other in list(new.peers.values()):
+                if other is not peer and not other.closed:
+                    other.push(M.ServerSignal(track_published=track))
+
     # ------------------------------------------------------------------ signals in
 
     async def handle(

@@ -143,6 +143,21 @@ class MediaServicer(media_service_pb2_grpc.MediaServiceServicer):
         await self.service.close_router(entry)
         return R.CloseRouterResponse(router=entry.proto())
 
+    async def MoveParticipant(
+        self, request: R.MoveParticipantRequest, context: _Ctx
+    ) -> R.MoveParticipantResponse:
+        principal = _principal(context)
+        v = Validator()
+        v.require_len("request_id", request.request_id, 1, 128)
+        session_id = v.require_uuid("session_id", request.session_id)
+        v.require_len("user_id", request.user_id, 1, 128)
+        room_id = _room(v, "to_breakout_room_id", request.to_breakout_room_id)
+        v.raise_if_any()
+        from_id, target = await self.service.move_participant(
+            principal, session_id, request.user_id, room_id
+        )
+        return R.MoveParticipantResponse(from_router_id=from_id, to_router=target.proto())
+
     async def DisconnectParticipant(
         self, request: R.DisconnectParticipantRequest, context: _Ctx
     ) -> R.DisconnectParticipantResponse:
@@ -246,4 +261,4 @@ SERVICER_CLASS = MediaServicer
 
 
 def create_servicer(runtime: Runtime) -> MediaServicer:
-    return MediaServicer(runtime)  # type: ignore[abstract]
+    return MediaServicer(runtime)

@@ -116,6 +116,9 @@ def tap_receiver(receiver: RTCRtpReceiver, sink: FrameSink) -> None:
     Call before the receiver starts (on the peer connection's "track" event).
     """
     inner = getattr(receiver, _JITTER, None)
+    if isinstance(inner, _Tap):  # already tapped (participant moved): new sink only
+        inner.sink = sink
+        return
     if inner is None or not hasattr(inner, "add"):
         raise InternalsChanged("RTCRtpReceiver has no jitter buffer to tap")
     setattr(receiver, _JITTER, _Tap(inner, sink))
