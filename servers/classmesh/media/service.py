@@ -36,6 +36,7 @@ from aiortc.sdp import candidate_from_sdp
 
 from classmesh.common.v1 import common_pb2
 from classmesh.core.auth import Principal, require
+from classmesh.core.breaker import CircuitBreaker
 from classmesh.core.db import connection
 from classmesh.core.errors import (
     ClassMeshError,
@@ -282,6 +283,8 @@ class MediaService:
         self.watchers: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.queue_size = runtime.config.media_consumer_queue_size
         self._lock = asyncio.Lock()
+        #: Seed 000 STR-032: 5 failed router creations in 60 s open it; half-open after 30 s.
+        self.breaker = CircuitBreaker("media router creation", reason="MEDIA_UNAVAILABLE")
 
     # ------------------------------------------------------------------ checks
 
@@ -338,8 +341,10 @@ class MediaService:
                     0,
                     f"a session has at most {MAX_ROUTERS} routers",
                 )
+            async with self.breaker.guard():
+                engine = AiortcRouter(queue_size=self.queue_size)
             entry = RouterEntry(
-                engine=AiortcRouter(queue_size=self.queue_size),
+                engine=engine,
                 tenant_id=principal.tenant_id,
                 session_id=session_id,
                 breakout_room_id=room_id,
