@@ -216,3 +216,42 @@ async def test_subscription_moves_between_rooms(mesh: Mesh) -> None:
     assert error_of(refused) == (grpc.StatusCode.PERMISSION_DENIED.value[0], "PERMISSION_MISSING")
     await s.close()
     await s2.close()
+
+
+@pytest.fixture(scope="module")
+async def tight(
+    admin_database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Mesh]:
+    """A mesh with a small Connect window, so flow control shows with a few events."""
+    extra = {"CLASSMESH_CONNECT_MAX_UNACKED": "5", "CLASSMESH_CONNECT_ACK_WAIT_SECONDS": "0.5"}
+    async with classroom_mesh(admin_database_url, redis_url, tmp_path_factory, "tight", extra) as m:
+        yield m
+
+
+async def test_flow_control_acks_and_slow_consumers(tight: Mesh) -> None:
+    klass = await live_class(tight, students=2)
+    sid = klass.id
+    (a, ca), (b, cb) = klass.students.items()
+    acking = Stream(ca.interaction.connect())
+    silent = Stream(cb.interaction.connect())
+    for s in (acking, silent):
+        await s.send(subscribe=RX.ConnectSubscribe(scope=scope(sid)))
+    for i in range(8):
+        await klass.inst.interaction.send_chat_message(scope=scope(sid), text=f"m{i}")
+        # the acking client acknowledges what it has processed
+        async with asyncio.timeout(10):
+            while len(acking.events("chat_message_posted")) < i + 1:
+                await asyncio.sleep(0.01)
+        await acking.send(ack=RX.ConnectAck(seq=acking.items[-1].event.seq))
+    assert len(acking.events("chat_message_posted")) == 8
+    # the silent one got the window's worth, then SLOW_CONSUMER, then the call ended
+    await asyncio.wait_for(silent.task, 10)
+    got = [r for r in silent.items if r.WhichOneof("message") == "event"]
+    assert len(got) == 5
+    last = silent.items[-1]
+    assert error_of(last) == (grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "SLOW_CONSUMER")
+    status = status_pb2.Status.FromString(last.error.SerializeToString())
+    info = error_details_pb2.ErrorInfo()
+    next(d for d in status.details if d.Is(info.DESCRIPTOR)).Unpack(info)
+    assert info.metadata["afterSeq"] == "0"  # it acknowledged nothing: resume from the start
+    await acking.close()

@@ -117,6 +117,10 @@ class Config:
     question_max_links: int = 2
     #: Seconds between two runs of the interaction sweeper (poll auto-close, timer expiry).
     interaction_sweep_interval_seconds: float = 1.0
+    #: Events an InteractionService.Connect client may leave unacknowledged (flow control).
+    connect_max_unacked: int = 1000
+    #: Seconds a Connect feed with a full window waits for an ack before SLOW_CONSUMER.
+    connect_ack_wait_seconds: float = 10.0
 
     @property
     def effective_peer_target(self) -> str:
@@ -192,6 +196,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         "questions_per_minute",
         "question_votes_per_minute",
         "interaction_sweep_interval_seconds",
+        "connect_max_unacked",
+        "connect_ack_wait_seconds",
     ):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"CLASSMESH_{name.upper()} must be positive")

@@ -55,11 +55,6 @@ V = TypeVar("V")
 
 log = logging.getLogger("classmesh.interaction")
 
-#: Events a Connect client may hold unacknowledged before it counts as a slow consumer.
-MAX_UNACKED = 1000
-#: How long a Connect feed waits for an ack with the window full before giving up (s).
-ACK_WAIT = 10.0
-
 #: ConnectRequest command field -> unary RPC name (ConnectCommandResult uses the same field).
 COMMANDS: dict[str, str] = {
     f.name: "".join(part.title() for part in f.name.split("_"))
@@ -575,8 +570,9 @@ class _ConnectStream:
     """One Connect call: commands read in order, the event feed beside them, one writer.
 
     Everything the client gets goes through `out` (None ends the call). The feed stops
-    sending while MAX_UNACKED events are unacknowledged; a client that does not ack within
-    ACK_WAIT gets SLOW_CONSUMER and the call ends (resume with after_seq = last seq seen).
+    sending while `connect_max_unacked` events are unacknowledged; a client that does not
+    ack within `connect_ack_wait_seconds` gets SLOW_CONSUMER and the call ends (resume with
+    after_seq = the last seq it processed).
     """
 
     def __init__(self, servicer: InteractionServicer, principal: Principal, context: _Ctx):
@@ -587,6 +583,10 @@ class _ConnectStream:
         self.feed_task: asyncio.Task[None] | None = None
         self.unacked: collections.deque[int] = collections.deque()
         self.acked = asyncio.Event()
+        #: The client's last acknowledged seq (the subscription's after_seq at first).
+        self.last_acked = 0
+        self.max_unacked = servicer.runtime.config.connect_max_unacked
+        self.ack_wait = servicer.runtime.config.connect_ack_wait_seconds
 
     async def run(
         self, requests: AsyncIterator[R.ConnectRequest]
@@ -633,6 +633,7 @@ class _ConnectStream:
         kind = request.WhichOneof("message")
         if kind == "ack":
             seq = request.ack.seq
+            self.last_acked = max(self.last_acked, seq)
             while self.unacked and self.unacked[0] <= seq:
                 self.unacked.popleft()
             self.acked.set()
@@ -674,23 +675,24 @@ class _ConnectStream:
             with contextlib.suppress(BaseException):
                 await self.feed_task
         self.unacked.clear()
+        self.last_acked = plan.after_seq
         self.feed_task = asyncio.create_task(self._feed(plan))
 
     async def _feed(self, plan: FeedPlan) -> None:
         try:
             async for event in self.servicer.feed(self.principal, plan):
-                while len(self.unacked) >= MAX_UNACKED:
+                while len(self.unacked) >= self.max_unacked:
                     self.acked.clear()
                     try:
-                        async with asyncio.timeout(ACK_WAIT):
+                        async with asyncio.timeout(self.ack_wait):
                             await self.acked.wait()
                     except TimeoutError:
                         raise ResourceExhausted(
                             "SLOW_CONSUMER",
                             1.0,
-                            f"{MAX_UNACKED} events unacknowledged; resume with "
-                            f"after_seq = {self.unacked[0] - 1}",
-                            metadata={"afterSeq": str(self.unacked[0] - 1)},
+                            f"{self.max_unacked} events unacknowledged; resume with "
+                            f"after_seq = {self.last_acked} (the last acknowledged)",
+                            metadata={"afterSeq": str(self.last_acked)},
                         ) from None
                 self.unacked.append(event.seq)
                 self.out.put_nowait(R.ConnectResponse(event=event))
