@@ -6,6 +6,12 @@ which takes the session row lock: concurrent appenders queue on it, so per-sessi
 sequence numbers are gap-free and ordered in commit order, and a rolled-back transaction
 gives its number back (the row update rolls back with it).
 
+`append_event` costs two statements. A hot path that already updates the session row under
+its lock (the seat claim of a join) can append in that same statement instead: put
+`NEXT_SEQ` in its `UPDATE sessions` and `append_event_cte()` after it in a `WITH`, read the
+row back with `event_columns()` / `event_from_row()`. Same rule, same row, same lock: the
+seq is the locked row's bumped `last_seq`, the tenant and session are that row's.
+
 `type` is the name of the field of the `classmesh.events.v1.Event.payload` oneof (for
 example `chat_message_posted`); `payload` is that message in protobuf JSON form.
 """
@@ -21,7 +27,17 @@ from typing import Any
 
 import asyncpg
 
-__all__ = ["EventRecord", "SessionNotFoundError", "append_event", "read_events", "last_seq"]
+__all__ = [
+    "NEXT_SEQ",
+    "EventRecord",
+    "SessionNotFoundError",
+    "append_event",
+    "append_event_cte",
+    "event_columns",
+    "event_from_row",
+    "last_seq",
+    "read_events",
+]
 
 #: Largest page `read_events` returns in one call.
 MAX_PAGE = 1000
@@ -78,20 +94,84 @@ class EventRecord:
         )
 
 
-def _record(row: asyncpg.Record) -> EventRecord:
-    payload = row["payload"]
-    actor = row["actor"]
+def _record(row: asyncpg.Record, prefix: str = "") -> EventRecord:
+    payload = row[prefix + "payload"]
+    actor = row[prefix + "actor"]
+    room = row[prefix + "breakout_room_id"]
     return EventRecord(
-        tenant_id=str(row["tenant_id"]),
-        session_id=str(row["session_id"]),
-        seq=int(row["seq"]),
-        type=row["type"],
+        tenant_id=str(row[prefix + "tenant_id"]),
+        session_id=str(row[prefix + "session_id"]),
+        seq=int(row[prefix + "seq"]),
+        type=row[prefix + "type"],
         payload=json.loads(payload) if isinstance(payload, str) else payload,
-        created_at=row["created_at"],
+        created_at=row[prefix + "created_at"],
         actor=(json.loads(actor) if isinstance(actor, str) else actor) or {},
-        request_id=row["request_id"],
-        breakout_room_id=str(row["breakout_room_id"]) if row["breakout_room_id"] else None,
+        request_id=row[prefix + "request_id"],
+        breakout_room_id=str(room) if room else None,
     )
+
+
+_COLUMNS = (
+    "tenant_id",
+    "session_id",
+    "seq",
+    "type",
+    "payload",
+    "actor",
+    "request_id",
+    "breakout_room_id",
+    "created_at",
+)
+
+#: SET item of the caller's `UPDATE sessions` that takes the next seq (`append_event_cte`).
+NEXT_SEQ = "last_seq = last_seq + 1"
+
+
+def append_event_cte(
+    locked: str,
+    *,
+    type: str,
+    payload: str,
+    actor: str,
+    request_id: str = "NULL",
+    breakout_room_id: str = "NULL",
+    also_from: str = "",
+) -> str:
+    """Body of a data-modifying CTE that appends one event inside the caller's statement.
+
+    `locked` names an earlier CTE of the same statement of the form
+    `UPDATE sessions ... SET ..., {NEXT_SEQ} WHERE id = ... AND tenant_id = ... RETURNING *`
+    (or at least `id, tenant_id, last_seq`): that update takes the session row lock and
+    the next seq, exactly as `append_event` does, and the event gets the locked row's
+    session, tenant and bumped `last_seq`. One event per statement (one bump).
+
+    The other arguments are SQL expressions (placeholders, or expressions over `locked`
+    and the relations in `also_from`, e.g. `", p"`): `payload` and `actor` jsonb objects,
+    `request_id` text, `breakout_room_id` uuid. The event is inserted once per row of
+    `locked` x `also_from`: when that is empty (no seat, a conflict) nothing is appended,
+    but the caller's update still bumped `last_seq`; it must then undo the bump while it
+    still holds the lock, or roll back. Read the row with `event_columns` and
+    `event_from_row`; publish only after commit.
+    """
+    return (
+        "INSERT INTO session_events "
+        "(tenant_id, session_id, seq, type, payload, actor, request_id, breakout_room_id) "
+        f"SELECT {locked}.tenant_id, {locked}.id, {locked}.last_seq, {type}, {payload}, "
+        f"{actor}, {request_id}, {breakout_room_id} FROM {locked}{also_from} "
+        f"RETURNING {', '.join(_COLUMNS)}"
+    )
+
+
+def event_columns(alias: str, prefix: str) -> str:
+    """Select list reading an `append_event_cte` row as `<prefix><column>`."""
+    return ", ".join(f"{alias}.{c} AS {prefix}{c}" for c in _COLUMNS)
+
+
+def event_from_row(row: asyncpg.Record, prefix: str) -> EventRecord | None:
+    """The event `event_columns(..., prefix)` selected; None when none was appended."""
+    if row[prefix + "seq"] is None:
+        return None
+    return _record(row, prefix)
 
 
 async def append_event(
