@@ -50,6 +50,7 @@ from classmesh.session.replay import fold_session_events
 from classmesh.session.store import (
     AuditRow,
     LogRow,
+    NewParticipant,
     ParticipantRow,
     SessionRow,
     SessionStore,
@@ -84,6 +85,9 @@ MAX_ID = 255
 MAX_REQUEST_ID = 128
 MAX_SEQ = 2**63 - 1
 TERMINAL_EVENTS = frozenset({"session_ended", "session_cancelled", "session_deleted"})
+#: Key of ParticipantJoined.current_occupancy in the logged payload (protobuf JSON with
+#: proto field names, `log_payload`); the join statement fills it from the locked row.
+_JOINED_OCCUPANCY = events_pb2.ParticipantJoined.DESCRIPTOR.fields_by_name["current_occupancy"].name
 
 _SESSION_PATHS = {
     "title",
@@ -1036,11 +1040,15 @@ class SessionService:
     ) -> Result[JoinResult]:
         """Join (or rejoin, reconnect, replace the connection). Seats are exact.
 
-        The common case, a first join, keeps the session row lock short (every join of the
-        session queues on it): the participant lookup and the user upsert run before it; the
-        lock is taken by the statement that claims the seat (`current_occupancy + 1 ... WHERE
-        current_occupancy < capacity`), and only the participant insert, the event and the
-        idempotency record follow it before commit.
+        Every join of a session queues on its row lock, and the lock is held until commit,
+        so the common case (a first join needing nothing but a seat) keeps it for ONE
+        statement plus the idempotency record and COMMIT. Before it, one statement reads
+        the session and the caller's status and upserts the user; the new visit and its
+        event are worked out from that read; then `store.join_seat` claims the seat, takes
+        the seq, inserts the participant and appends the event, on condition that what the
+        visit was worked out from is still so under the lock. Anything else (a rejoin, a
+        study room's first visitor, an error to explain, a session changed meanwhile) takes
+        the step-by-step path.
         """
         if guest is None:
             self.validate_join(req)
@@ -1048,14 +1056,103 @@ class SessionService:
         else:
             sid = guest.session_id
         require(principal, session_id=sid)
-        pre = await self.store.get_participant(conn, principal.tenant_id, sid, principal.subject)
-        if pre is not None:
-            check_not_removed(sid, pre.status)
-            return await self._rejoin(conn, principal, req, sid, guest)
         role = _role_word(principal)
         name = self._display_name(req, principal)
-        if not principal.guest:
-            await self.store.upsert_user(conn, principal.tenant_id, principal.subject, name, role)
+        seen = await self.store.read_for_join(
+            conn,
+            principal.tenant_id,
+            sid,
+            principal.subject,
+            user=None if principal.guest else (name, role),
+        )
+        if seen is not None and seen.caller_status is not None:
+            check_not_removed(sid, seen.caller_status)
+            return await self._rejoin(conn, principal, req, sid, guest)
+        if seen is None or not self._plain_first_join(seen, guest, role):
+            return await self._join_step_by_step(conn, principal, req, sid, guest, role, name)
+        now = seen.db_now
+        landing = rules.landing_status(
+            kind=seen.kind, session_status=seen.status, role=role, settings=seen.settings
+        )
+        visit = self._visit_fields(req, seen, role, landing)
+        new = NewParticipant(
+            id=uuid.uuid4(),
+            user_id=principal.subject,
+            display_name=name,
+            role=role,
+            status=landing,
+            is_guest=principal.guest,
+            audio_muted=visit["audio_muted"],
+            permissions=rules.default_permissions(role, seen.settings),
+            joined_at=now,
+            connection_id=visit["connection_id"],
+            last_seen_at=now,
+            visit_started_at=now,
+            admitted_at=visit["admitted_at"],
+            connected_since=visit["connected_since"],
+            study_session_id=visit.get("study_session_id"),
+            email=(guest.email or None) if guest is not None else None,
+        )
+        expected = new.row(seen.tenant_id, seen.id)
+        # The event without the seat count, which only the locked row knows.
+        type_, payload = log_payload(
+            events_pb2.ParticipantJoined(participant=self._participant_message(expected, now))
+        )
+        claim = await self.store.join_seat(
+            conn,
+            seen=seen,
+            link=guest.link if guest is not None else None,
+            participant=new,
+            event_type=type_,
+            payload=payload,
+            occupancy_key=_JOINED_OCCUPANCY,
+            actor=self._actor(principal),
+            request_id=req.request_id or None,
+        )
+        if claim is None:
+            # No seat taken: full, or the session changed after we read it.
+            return await self._join_step_by_step(conn, principal, req, sid, guest, role, name)
+        if claim.participant is None:
+            # The same user's other tab inserted first (we waited on its lock): hand the
+            # seat and the seq back and take the rejoin path against its row.
+            await self.store.release_seat(conn, seen.tenant_id, seen.id)
+            return await self._rejoin(conn, principal, req, sid, guest)
+        if claim.participant != expected or claim.event is None:
+            # The log would describe another row than the table holds: refuse (rolls back).
+            raise RuntimeError(f"joined participant differs from the logged one: {claim}")
+        session = replace(
+            claim.session, lobby_count=claim.session.lobby_count + (1 if landing == "lobby" else 0)
+        )
+        result = JoinResult(claim.participant, session, reconnected=False, last_seq=claim.event.seq)
+        if guest is not None:
+            await self._mint_guest_token(conn, claim.session, principal, result, now)
+        return Result(result, [claim.event])
+
+    @staticmethod
+    def _plain_first_join(row: SessionRow, guest: GuestJoin | None, role: str) -> bool:
+        """`row` (read without the lock) lets a first join in with nothing but a seat."""
+        return (
+            row.status in ("scheduled", "live")
+            and not (row.kind == "study_room" and row.status == "scheduled")
+            and (guest is None or row.join_link_token == guest.link)
+            and not rules.join_too_late(
+                row.db_now, kind=row.kind, role=role, scheduled_end=row.scheduled_end
+            )
+            and row.current_occupancy < row.capacity
+        )
+
+    async def _join_step_by_step(
+        self,
+        conn: asyncpg.Connection,
+        principal: Principal,
+        req: R.JoinSessionRequest,
+        sid: str,
+        guest: GuestJoin | None,
+        role: str,
+        name: str,
+    ) -> Result[JoinResult]:
+        """A first join, one statement at a time from the seat claim on: explains a refusal,
+        opens a study room, and takes whatever state the session has under the lock."""
         row = await self.store.claim_seat(conn, principal.tenant_id, sid)
         if row is None:
             # No seat taken: say why (gone, over, or full).

@@ -16,9 +16,19 @@ from typing import Any
 
 import asyncpg
 
+from classmesh.core.events import (
+    NEXT_SEQ,
+    EventRecord,
+    append_event_cte,
+    event_columns,
+    event_from_row,
+)
+
 __all__ = [
     "AuditRow",
+    "JoinClaim",
     "LogRow",
+    "NewParticipant",
     "ParticipantRow",
     "SessionRow",
     "SessionStore",
@@ -240,37 +250,198 @@ def _session(r: asyncpg.Record) -> SessionRow:
     )
 
 
-def _participant(r: asyncpg.Record) -> ParticipantRow:
+def _participant(r: asyncpg.Record, prefix: str = "") -> ParticipantRow:
+    def f(name: str) -> Any:
+        return r[prefix + name]
+
     return ParticipantRow(
-        id=str(r["id"]),
-        tenant_id=str(r["tenant_id"]),
-        session_id=str(r["session_id"]),
-        user_id=r["user_id"],
-        display_name=r["display_name"],
-        role=r["role"],
-        status=r["status"],
-        is_guest=r["is_guest"],
-        audio_muted=r["audio_muted"],
-        video_muted=r["video_muted"],
-        screen_muted=r["screen_muted"],
-        permissions=dict(r["permissions"] or {}),
-        joined_at=r["joined_at"],
-        admitted_at=r["admitted_at"],
-        left_at=r["left_at"],
-        last_seen_at=r["last_seen_at"],
-        connected_since=r["connected_since"],
-        total_connected_seconds=int(r["total_connected_seconds"]),
-        total_connected_ms=int(r["total_connected_ms"]),
-        removed_reason=r["removed_reason"] or "",
-        connection_id=str(r["connection_id"]) if r["connection_id"] else "",
-        join_count=r["join_count"],
-        visit_started_at=r["visit_started_at"],
-        disconnected_at=r["disconnected_at"],
-        lobby_wait_ms=int(r["lobby_wait_ms"]),
-        study_session_id=r["study_session_id"] or "",
-        breakout_room_id=str(r["breakout_room_id"]) if r["breakout_room_id"] else "",
-        hand_raised=r["hand_raised"],
+        id=str(f("id")),
+        tenant_id=str(f("tenant_id")),
+        session_id=str(f("session_id")),
+        user_id=f("user_id"),
+        display_name=f("display_name"),
+        role=f("role"),
+        status=f("status"),
+        is_guest=f("is_guest"),
+        audio_muted=f("audio_muted"),
+        video_muted=f("video_muted"),
+        screen_muted=f("screen_muted"),
+        permissions=dict(f("permissions") or {}),
+        joined_at=f("joined_at"),
+        admitted_at=f("admitted_at"),
+        left_at=f("left_at"),
+        last_seen_at=f("last_seen_at"),
+        connected_since=f("connected_since"),
+        total_connected_seconds=int(f("total_connected_seconds")),
+        total_connected_ms=int(f("total_connected_ms")),
+        removed_reason=f("removed_reason") or "",
+        connection_id=str(f("connection_id")) if f("connection_id") else "",
+        join_count=f("join_count"),
+        visit_started_at=f("visit_started_at"),
+        disconnected_at=f("disconnected_at"),
+        lobby_wait_ms=int(f("lobby_wait_ms")),
+        study_session_id=f("study_session_id") or "",
+        breakout_room_id=str(f("breakout_room_id")) if f("breakout_room_id") else "",
+        hand_raised=f("hand_raised"),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class NewParticipant:
+    """The columns a first join writes; every other column takes its table default."""
+
+    id: uuid.UUID
+    user_id: str
+    display_name: str
+    role: str
+    status: str
+    is_guest: bool
+    audio_muted: bool
+    permissions: Mapping[str, Any]
+    joined_at: datetime
+    connection_id: uuid.UUID
+    last_seen_at: datetime
+    visit_started_at: datetime
+    admitted_at: datetime | None
+    connected_since: datetime | None
+    study_session_id: str | None
+    email: str | None
+
+    def row(self, tenant_id: str, session_id: str) -> ParticipantRow:
+        """The row the insert will return, known before it runs (for the event payload).
+
+        A new row has no room assignment (those reference the participant's id) and no
+        raised hand (RaiseHand needs a participant); the rest are the defaults of
+        `session_participants`. `join_seat` checks the inserted row against this.
+        """
+        return ParticipantRow(
+            id=str(self.id),
+            tenant_id=tenant_id,
+            session_id=session_id,
+            user_id=self.user_id,
+            display_name=self.display_name,
+            role=self.role,
+            status=self.status,
+            is_guest=self.is_guest,
+            audio_muted=self.audio_muted,
+            video_muted=False,
+            screen_muted=False,
+            permissions=dict(self.permissions),
+            joined_at=self.joined_at,
+            admitted_at=self.admitted_at,
+            left_at=None,
+            last_seen_at=self.last_seen_at,
+            connected_since=self.connected_since,
+            total_connected_seconds=0,
+            total_connected_ms=0,
+            removed_reason="",
+            connection_id=str(self.connection_id),
+            join_count=1,
+            visit_started_at=self.visit_started_at,
+            disconnected_at=None,
+            lobby_wait_ms=0,
+            study_session_id=self.study_session_id or "",
+            breakout_room_id="",
+            hand_raised=False,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JoinClaim:
+    """What `join_seat` did: the session after the claim; the participant and event are
+    None when the user's row already existed (the seat and seq are still taken)."""
+
+    session: SessionRow
+    participant: ParticipantRow | None
+    event: EventRecord | None
+
+
+_P_NAMES = (
+    "id",
+    "tenant_id",
+    "session_id",
+    "user_id",
+    "display_name",
+    "role",
+    "status",
+    "is_guest",
+    "audio_muted",
+    "video_muted",
+    "screen_muted",
+    "permissions",
+    "joined_at",
+    "admitted_at",
+    "left_at",
+    "last_seen_at",
+    "connected_since",
+    "total_connected_seconds",
+    "total_connected_ms",
+    "removed_reason",
+    "connection_id",
+    "join_count",
+    "visit_started_at",
+    "disconnected_at",
+    "lobby_wait_ms",
+    "study_session_id",
+    "breakout_room_id",
+    "hand_raised",
+)
+
+_UPSERT_USER_SET = (
+    "ON CONFLICT (tenant_id, external_id) DO UPDATE "
+    "SET display_name = EXCLUDED.display_name, role = EXCLUDED.role, updated_at = now() "
+    "WHERE users.display_name IS DISTINCT FROM EXCLUDED.display_name "
+    "OR users.role IS DISTINCT FROM EXCLUDED.role"
+)
+
+_CALLER_STATUS = (
+    "(SELECT cp.status::text FROM session_participants cp WHERE cp.tenant_id = "
+    "s.tenant_id AND cp.session_id = s.id AND cp.user_id = $3) AS caller_status"
+)
+
+_READ_FOR_JOIN = (
+    "WITH u AS (INSERT INTO users (tenant_id, external_id, display_name, role) "
+    "SELECT $2, $3::text, $4::text, $5::text WHERE $6::boolean AND NOT EXISTS ("
+    "SELECT 1 FROM session_participants np WHERE np.tenant_id = $2 AND np.session_id = $1 "
+    f"AND np.user_id = $3::text) {_UPSERT_USER_SET}) "
+    f"SELECT {_SESSION_COLS}, {_CALLER_STATUS} FROM sessions s "
+    "WHERE s.id = $1 AND s.tenant_id = $2 AND s.deleted_at IS NULL"
+)
+
+# The first join, in one statement under the session row lock (see `join_seat`).
+_JOIN_SEAT = (
+    "WITH s AS ("
+    "UPDATE sessions AS s SET current_occupancy = s.current_occupancy + 1, "
+    f"{NEXT_SEQ} "
+    "WHERE s.id = $1 AND s.tenant_id = $2 AND s.deleted_at IS NULL "
+    "AND s.current_occupancy < s.capacity "
+    "AND s.status = $3::session_status AND s.kind = $4::session_kind "
+    "AND s.settings = $5::jsonb AND s.scheduled_end = $6 "
+    "AND ($7::text IS NULL OR s.join_link_token = $7::text) "
+    "RETURNING s.*), "
+    "p AS ("
+    "INSERT INTO session_participants AS p (id, tenant_id, session_id, user_id, display_name, "
+    "role, status, is_guest, audio_muted, permissions, joined_at, email, connection_id, "
+    "last_seen_at, visit_started_at, admitted_at, connected_since, study_session_id) "
+    "SELECT $8, s.tenant_id, s.id, $9, $10, $11::participant_role, $12::participant_status, "
+    "$13, $14, $15::jsonb, $16, $17, $18, $19, $20, $21, $22, $23 FROM s "
+    "ON CONFLICT (session_id, user_id) DO NOTHING "
+    f"RETURNING {_P_COLS}), "
+    "e AS ("
+    + append_event_cte(
+        "s",
+        type="$24::text",
+        payload="$25::jsonb || jsonb_build_object($26::text, s.current_occupancy)",
+        actor="$27::jsonb",
+        request_id="$28::text",
+        also_from=", p",
+    )
+    + f") SELECT {_SESSION_COLS}, "
+    + ", ".join(f"p.{n} AS p_{n}" for n in _P_NAMES)
+    + ", "
+    + event_columns("e", "e_")
+    + " FROM s LEFT JOIN p ON true LEFT JOIN e ON true"
+)
 
 
 def _audit(r: asyncpg.Record) -> AuditRow:
@@ -326,12 +497,7 @@ class SessionStore:
         for_update: bool = False,
         include_deleted: bool = False,
     ) -> SessionRow | None:
-        caller_col = (
-            ", (SELECT cp.status::text FROM session_participants cp WHERE cp.tenant_id = "
-            "s.tenant_id AND cp.session_id = s.id AND cp.user_id = $3) AS caller_status"
-            if caller is not None
-            else ""
-        )
+        caller_col = f", {_CALLER_STATUS}" if caller is not None else ""
         args: list[Any] = [_u(session_id), _u(tenant_id)]
         if caller is not None:
             args.append(caller)
@@ -388,6 +554,104 @@ class SessionStore:
             _u(tenant_id),
         )
         return _session(r) if r else None
+
+    async def read_for_join(
+        self,
+        conn: asyncpg.Connection,
+        tenant_id: str,
+        session_id: str,
+        user_id: str,
+        *,
+        user: tuple[str, str] | None,
+    ) -> SessionRow | None:
+        """`get_session(..., caller=user_id)` without the lock, and in the same statement,
+        when `user` is (display name, role) and the caller has no participant row yet,
+        `upsert_user` (what a first join does before it takes a seat)."""
+        name, role = user or ("", "")
+        r = await conn.fetchrow(
+            _READ_FOR_JOIN,
+            _u(session_id),
+            _u(tenant_id),
+            user_id,
+            name[:100],
+            role,
+            user is not None,
+        )
+        return _session(r) if r else None
+
+    async def join_seat(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        seen: SessionRow,
+        link: str | None,
+        participant: NewParticipant,
+        event_type: str,
+        payload: Mapping[str, Any],
+        occupancy_key: str,
+        actor: Mapping[str, Any],
+        request_id: str | None,
+    ) -> JoinClaim | None:
+        """A first join in ONE statement under the session row lock: take a seat and the
+        next seq, insert the participant, append the event (`payload` plus
+        `{occupancy_key: current_occupancy}` after the seat).
+
+        The seat is taken only if the session still has what the caller decided on when it
+        read `seen` without the lock: same status, kind, settings and scheduled end (and
+        join link, when `link` is given), not deleted, a free seat. None: nothing changed
+        (full, or the session changed: the caller takes the step-by-step path). A
+        participant of None: the user's row was inserted meanwhile (another tab); the seat
+        and the seq are taken and the caller must `release_seat` before going on.
+        """
+        r = await conn.fetchrow(
+            _JOIN_SEAT,
+            _u(seen.id),
+            _u(seen.tenant_id),
+            seen.status,
+            seen.kind,
+            seen.settings,
+            seen.scheduled_end,
+            link,
+            participant.id,
+            participant.user_id,
+            participant.display_name,
+            participant.role,
+            participant.status,
+            participant.is_guest,
+            participant.audio_muted,
+            participant.permissions,
+            participant.joined_at,
+            participant.email,
+            participant.connection_id,
+            participant.last_seen_at,
+            participant.visit_started_at,
+            participant.admitted_at,
+            participant.connected_since,
+            participant.study_session_id,
+            event_type,
+            payload,
+            occupancy_key,
+            actor,
+            request_id,
+        )
+        if r is None:
+            return None
+        joined = r["p_id"] is not None
+        return JoinClaim(
+            session=_session(r),
+            participant=_participant(r, "p_") if joined else None,
+            event=event_from_row(r, "e_"),
+        )
+
+    async def release_seat(self, conn: asyncpg.Connection, tenant_id: str, session_id: str) -> None:
+        """Undo a `join_seat` that inserted nothing: give back its seat and its seq (the
+        caller still holds the row lock, so nobody took a later seq)."""
+        await conn.execute(
+            "UPDATE sessions SET current_occupancy = current_occupancy - 1, "
+            "last_seq = last_seq - 1 WHERE id = $1 AND tenant_id = $2",
+            _u(session_id),
+            _u(tenant_id),
+        )
 
     async def adjust_occupancy(
         self, conn: asyncpg.Connection, tenant_id: str, session_id: str, delta: int
@@ -699,10 +963,7 @@ class SessionStore:
     ) -> None:
         await conn.execute(
             "INSERT INTO users (tenant_id, external_id, display_name, role) "
-            "VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, external_id) DO UPDATE "
-            "SET display_name = EXCLUDED.display_name, role = EXCLUDED.role, updated_at = now() "
-            "WHERE users.display_name IS DISTINCT FROM EXCLUDED.display_name "
-            "OR users.role IS DISTINCT FROM EXCLUDED.role",
+            f"VALUES ($1, $2, $3, $4) {_UPSERT_USER_SET}",
             _u(tenant_id),
             user_id,
             name[:100],
