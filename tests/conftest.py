@@ -137,7 +137,7 @@ async def empty_database_url(admin_database_url: str) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="session")
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=60)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=20)
     assert pool is not None
     yield pool
     await pool.close()

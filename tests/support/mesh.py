@@ -75,7 +75,15 @@ class MeshProcess:
 
 def start_mesh(env_overrides: dict[str, str], stderr_path: str, *args: str) -> MeshProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLASSMESH_")}
-    env.update({"CLASSMESH_LISTEN": "127.0.0.1:0", "CLASSMESH_LOG_LEVEL": "INFO"})
+    # Several meshes and test pools share one PostgreSQL (max_connections 100 on our
+    # machines): a test mesh keeps a small pool unless the test asks for more.
+    env.update(
+        {
+            "CLASSMESH_LISTEN": "127.0.0.1:0",
+            "CLASSMESH_LOG_LEVEL": "INFO",
+            "CLASSMESH_DB_POOL_SIZE": "6",
+        }
+    )
     env.update(env_overrides)
     err = open(stderr_path, "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
