@@ -7,8 +7,9 @@ what the join was worked out from. These tests pin what that must never give up:
 
 * the logged ParticipantJoined describes exactly the row the table holds;
 * N + K concurrent joins on N seats seat exactly N, also spread over two service
-  instances (as over two processes), seq gap-free and in commit order, also mixed with
-  `append_event` appends on the same session;
+  instances (as over two processes: the in-process queue orders, the row lock decides),
+  seq gap-free and in commit order, also mixed with `append_event` appends on the same
+  session;
 * a join that finds the user's row inserted meanwhile gives the seat and the seq back;
 * a session changed while the join waited for the lock is joined by its new state;
 * another tenant's session is not found and nothing changes.
@@ -36,7 +37,7 @@ from classmesh.core.events import append_event, read_events
 from classmesh.events.v1 import events_pb2
 from classmesh.session import convert, rules
 from classmesh.session.replay import fold_session_events, seats
-from classmesh.session.service import SessionService
+from classmesh.session.service import SessionService, _SeatQueue
 from classmesh.session.store import JoinClaim, SessionRow, SessionStore
 from classmesh.session.v1 import session_service_pb2
 from tests.support.db import insert_tenant
@@ -228,6 +229,29 @@ async def test_concurrent_first_joins_are_exact_and_gap_free(
     assert sum(s.fast for s in stores) >= 1
     events = await _check_log(cm_pool, tenant, sid)
     assert [e.payload["current_occupancy"] for e in events] == list(range(1, capacity + 1))
+    assert all(not service._seat_queue._locks for service in services)
+
+
+async def test_seat_queue_serves_in_arrival_order_and_forgets_idle_sessions() -> None:
+    queue = _SeatQueue()
+    order: list[int] = []
+
+    async def one(i: int) -> None:
+        async with queue.turn("s"):
+            order.append(i)
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(one(i) for i in range(20)))
+    assert order == list(range(20))
+    assert queue._locks == {}
+    # A waiter that gives up (deadline) leaves no trace either.
+    async with queue.turn("s"):
+        waiter = asyncio.ensure_future(one(99))
+        await asyncio.sleep(0)
+        waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert queue._locks == {}
 
 
 async def test_joins_and_other_appends_share_one_gap_free_log(cm_pool: asyncpg.Pool) -> None:

@@ -14,9 +14,11 @@ seat; a join within the grace window reconnects; a removed user never comes back
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -321,6 +323,35 @@ class _Events:
         return self.records[-1].seq if self.records else 0
 
 
+class _SeatQueue:
+    """First joins of one session queue here, in arrival order, for their seat statement.
+
+    Only an ordering aid for this process: the session row lock decides who gets a seat,
+    for every process. Without it all the joins of a busy session wait in PostgreSQL on
+    the row, which serves them in no particular order (each commit makes a new row
+    version, and waiters chase versions) and spends CPU on every hand-over. With it, at
+    most one join per process waits on the row (the next one, sent while the holder
+    finishes), the rest wait here, first come first served.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, session_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(session_id) or (asyncio.Lock(), 0)
+        self._locks[session_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[session_id]
+            if users == 1:
+                del self._locks[session_id]
+            else:
+                self._locks[session_id] = (lock, users - 1)
+
+
 # --------------------------------------------------------------------------- service
 
 
@@ -337,6 +368,7 @@ class SessionService:
         self.config = config
         self.store = store or SessionStore()
         self.media = media
+        self._seat_queue = _SeatQueue()
 
     # ------------------------------------------------------------ timing knobs
 
@@ -1098,17 +1130,19 @@ class SessionService:
         type_, payload = log_payload(
             events_pb2.ParticipantJoined(participant=self._participant_message(expected, now))
         )
-        claim = await self.store.join_seat(
-            conn,
-            seen=seen,
-            link=guest.link if guest is not None else None,
-            participant=new,
-            event_type=type_,
-            payload=payload,
-            occupancy_key=_JOINED_OCCUPANCY,
-            actor=self._actor(principal),
-            request_id=req.request_id or None,
-        )
+        actor = self._actor(principal)
+        async with self._seat_queue.turn(seen.id):
+            claim = await self.store.join_seat(
+                conn,
+                seen=seen,
+                link=guest.link if guest is not None else None,
+                participant=new,
+                event_type=type_,
+                payload=payload,
+                occupancy_key=_JOINED_OCCUPANCY,
+                actor=actor,
+                request_id=req.request_id or None,
+            )
         if claim is None:
             # No seat taken: full, or the session changed after we read it.
             return await self._join_step_by_step(conn, principal, req, sid, guest, role, name)
