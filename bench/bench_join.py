@@ -8,12 +8,15 @@ session's row lock), each join a new user, so every call takes a seat:
              capacity transaction (idempotency row, session row lock, participant insert,
              seat count, event append) + publish on Redis after commit + the response;
 * raw sql    the same statements hand-written on a plain asyncpg pool of the same size as
-             the server's (20) from this process, plus the Redis PUBLISH: the physical limit
-             of this machine for that transaction right now.
+             the server's (20) from this process, the seat statement queued in-process per
+             room as ClassMesh queues it, plus the Redis PUBLISH: the physical limit of this
+             machine for that transaction right now.
 
-Both run several rounds of 1,000 joins on fresh study rooms of 1,000 seats (no lobby); the
-cases alternate round by round, so load from elsewhere on a shared machine moves both.
-After every round the seat count is checked against the participant rows (exact capacity).
+Each case first runs one unmeasured warm-up round (pools filled, statements prepared,
+caches loaded), then several rounds of 1,000 joins on fresh study rooms of 1,000 seats (no
+lobby); the cases alternate round by round, so load from elsewhere on a shared machine
+moves both. After every round the seat count is checked against the participant rows
+(exact capacity).
 Prints joins/s, p50/p95/p99 per case and the ratio ClassMesh / raw, then one JSON line.
 Run: .venv/bin/python bench/bench_join.py
 """
@@ -56,6 +59,7 @@ CLIENTS = 50
 POOL_SIZE = 20  # Config.db_pool_size default, for both cases
 SEATS = 1000
 ROUNDS = 3
+WARMUP = 300  # joins per case before measuring
 JOIN = "/classmesh.session.v1.SessionService/JoinSession"
 CREATE = "/classmesh.session.v1.SessionService/CreateSession"
 CREATE_KEY = "/classmesh.admin.v1.AdminService/CreateApiKey"
@@ -186,18 +190,91 @@ class Mesh:
 
 # ------------------------------------------------------------------------------ raw SQL
 
+_PERMISSIONS = json.dumps(
+    {
+        "can_publish_audio": True,
+        "can_publish_video": True,
+        "can_publish_screen": False,
+        "can_subscribe": True,
+        "can_chat": True,
+        "can_draw": False,
+        "can_ask_questions": True,
+        "can_respond_to_polls": True,
+        "can_raise_hand": True,
+        "can_moderate": False,
+        "can_record": False,
+        "can_manage_breakouts": False,
+        "can_present": False,
+    }
+)
+_ACTOR = json.dumps({"user_id": "u", "display_name": "u", "role": "ROLE_STUDENT"})
+
+
+_RAW_JOIN_SEAT = (
+    "WITH s AS (UPDATE sessions AS s SET current_occupancy = s.current_occupancy + 1, "
+    "last_seq = last_seq + 1 WHERE s.id = $1 AND s.tenant_id = $2 AND s.deleted_at IS "
+    "NULL AND s.current_occupancy < s.capacity AND s.status = $3::session_status AND "
+    "s.kind = $4::session_kind AND s.settings = $5::jsonb AND s.scheduled_end = $6 "
+    "RETURNING s.*), p AS (INSERT INTO session_participants (id, tenant_id, session_id, "
+    "user_id, display_name, role, status, joined_at, visit_started_at, admitted_at, "
+    "connected_since, last_seen_at, connection_id, permissions) SELECT $7, s.tenant_id, "
+    "s.id, $8::text, $8::text, 'student', 'admitted', $9, $9, $9, $9, $9, $10, "
+    "$11::jsonb FROM s ON CONFLICT (session_id, user_id) DO NOTHING RETURNING *), e AS "
+    "(INSERT INTO session_events (tenant_id, session_id, seq, type, payload, actor, "
+    "request_id) SELECT s.tenant_id, s.id, s.last_seq, 'participant_joined', $12::jsonb "
+    "|| jsonb_build_object('current_occupancy', s.current_occupancy), $13::jsonb, $14 "
+    "FROM s, p RETURNING *) SELECT s.current_occupancy, s.last_seq, s.title, s.settings, "
+    "(SELECT count(*) FROM session_participants lp WHERE lp.tenant_id = s.tenant_id AND "
+    "lp.session_id = s.id AND lp.status = 'lobby') AS lobby_count, p.id AS pid, e.seq, "
+    "e.payload::text AS payload, e.created_at FROM s LEFT JOIN p ON true LEFT JOIN e ON "
+    "true"
+)
+
+
+def _participant_json(pid: uuid.UUID, sid: uuid.UUID, user: str, now: datetime) -> str:
+    """A ParticipantJoined payload of the shape ClassMesh logs (protobuf JSON)."""
+    at = now.isoformat().replace("+00:00", "Z")
+    return json.dumps(
+        {
+            "participant": {
+                "id": str(pid),
+                "session_id": str(sid),
+                "user_id": user,
+                "display_name": user,
+                "role": "ROLE_STUDENT",
+                "status": "PARTICIPANT_STATUS_ADMITTED",
+                "connection_state": "CONNECTION_STATE_CONNECTED",
+                "permissions": json.loads(_PERMISSIONS),
+                "joined_at": at,
+                "admitted_at": at,
+                "last_seen_at": at,
+                "total_connected": "0s",
+                "join_count": 1,
+                "connection_id": str(uuid.uuid4()),
+            }
+        }
+    )
+
 
 class Raw:
-    """The join transaction as plain statements, in SessionService.join's order: idempotency
-    claim, participant lookup, user upsert, then the seat claim (which takes the session row
-    lock), participant insert, event append (seq + insert), idempotency response; commit;
-    PUBLISH. The gap to ClassMesh is gRPC, auth, Python and protobuf."""
+    """The join transaction as plain statements, in SessionService.join's order.
+
+    Same statements and effects as ClassMesh's first join: BEGIN; idempotency claim; one
+    statement reading the session and the caller's participant status and upserting the
+    user; ONE statement under the session row lock that claims the seat and the next seq
+    (re-checking what the read saw), inserts the participant and appends the event (a
+    participant payload of the same shape as ClassMesh's, its seat count filled in by the
+    statement); the idempotency response (bytes of the size of a JoinSessionResponse);
+    COMMIT; PUBLISH of the event row. The gap to ClassMesh is gRPC, auth, Python and
+    protobuf."""
 
     def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, prefix: str, tenant: str) -> None:
         self.pool = pool
         self.redis = redis
         self.prefix = prefix
         self.tenant = uuid.UUID(tenant)
+        # One room per round: its seat statements take turns here (SessionService._SeatQueue).
+        self.seat_queue = asyncio.Lock()
 
     async def room(self) -> uuid.UUID:
         now = datetime.now(UTC)
@@ -226,75 +303,59 @@ class Raw:
                 JOIN,
                 secrets.token_bytes(32),
             )
-            existing = await conn.fetchrow(
-                "SELECT id, status FROM session_participants "
-                "WHERE tenant_id = $1 AND session_id = $2 AND user_id = $3",
-                self.tenant,
+            # Before the lock: the session, the caller's participant status, the user.
+            seen = await conn.fetchrow(
+                "WITH u AS (INSERT INTO users (tenant_id, external_id, display_name, role) "
+                "SELECT $2, $3::text, $3::text, 'student' WHERE NOT EXISTS (SELECT 1 FROM "
+                "session_participants np WHERE np.tenant_id = $2 AND np.session_id = $1 "
+                "AND np.user_id = $3::text) ON CONFLICT (tenant_id, external_id) DO NOTHING) "
+                "SELECT s.status::text AS status, s.kind::text AS kind, s.settings::text "
+                "AS settings, s.scheduled_end, s.current_occupancy, s.capacity, now() AS now, "
+                "(SELECT cp.status::text FROM session_participants cp WHERE cp.tenant_id = "
+                "s.tenant_id AND cp.session_id = s.id AND cp.user_id = $3) AS caller_status "
+                "FROM sessions s WHERE s.id = $1 AND s.tenant_id = $2 AND s.deleted_at IS NULL",
                 sid,
+                self.tenant,
                 user,
             )
-            if existing is not None:
-                raise RuntimeError("seat taken")
-            await conn.execute(
-                "INSERT INTO users (tenant_id, external_id, display_name, role) "
-                "VALUES ($1, $2, $3, 'student') ON CONFLICT (tenant_id, external_id) DO NOTHING",
-                self.tenant,
-                user,
-                user[:100],
-            )
-            # The seat: capacity check and increment in one statement under the row lock.
-            s = await conn.fetchrow(
-                "UPDATE sessions SET current_occupancy = current_occupancy + 1 "
-                "WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL "
-                "AND status IN ('scheduled', 'live') AND current_occupancy < capacity "
-                "RETURNING current_occupancy, now() AS now",
-                sid,
-                self.tenant,
-            )
-            if s is None:
-                raise RuntimeError("room full")
-            p = await conn.fetchrow(
-                "INSERT INTO session_participants (tenant_id, session_id, user_id, display_name, "
-                "role, status, joined_at, visit_started_at, admitted_at, connected_since, "
-                "last_seen_at, connection_id, permissions) VALUES ($1, $2, $3, $6, 'student', "
-                "'admitted', $4, $4, $4, $4, $4, $5, '{}'::jsonb) "
-                "ON CONFLICT (session_id, user_id) DO NOTHING RETURNING *",
-                self.tenant,
-                sid,
-                user,
-                s["now"],
-                uuid.uuid4(),
-                user[:100],
-            )
-            seq = await conn.fetchval(
-                "UPDATE sessions SET last_seq = last_seq + 1 WHERE id = $1 AND tenant_id = $2 "
-                "RETURNING last_seq",
-                sid,
-                self.tenant,
-            )
-            payload = json.dumps(
-                {
-                    "participant": {"id": str(p["id"]), "user_id": user},
-                    "current_occupancy": s["current_occupancy"],
-                }
-            )
-            await conn.execute(
-                "INSERT INTO session_events (tenant_id, session_id, seq, type, payload, actor, "
-                "request_id) VALUES ($1, $2, $3, 'participant_joined', $4::jsonb, '{}'::jsonb, $5)",
-                self.tenant,
-                sid,
-                seq,
-                payload,
-                request_id,
-            )
+            if seen is None or seen["caller_status"] is not None:
+                raise RuntimeError("no session, or seat taken")
+            now: datetime = seen["now"]
+            pid = uuid.uuid4()
+            participant = _participant_json(pid, sid, user, now)
+            # Under the lock: seat + seq + participant + event, one statement.
+            async with self.seat_queue:
+                r = await conn.fetchrow(
+                    _RAW_JOIN_SEAT,
+                    sid,
+                    self.tenant,
+                    seen["status"],
+                    seen["kind"],
+                    seen["settings"],
+                    seen["scheduled_end"],
+                    pid,
+                    user,
+                    now,
+                    uuid.uuid4(),
+                    _PERMISSIONS,
+                    participant,
+                    _ACTOR,
+                    request_id,
+                )
+            if r is None or r["pid"] is None:
+                raise RuntimeError("room full, or changed")
+            response = (r["payload"] + json.dumps(dict(r["settings"]))).encode() * 2
             await conn.execute(
                 "UPDATE idempotency_keys SET response = $3 WHERE tenant_id = $1 "
-                "AND request_id = $2",
+                "AND request_id = $2 AND response IS NULL",
                 self.tenant,
                 request_id,
-                payload.encode(),
+                response,
             )
-        await self.redis.publish(f"{self.prefix}:session:{sid}", payload)
+        await self.redis.publish(
+            f"{self.prefix}:session:{sid}",
+            json.dumps({"seq": r["seq"], "payload": r["payload"], "at": str(r["created_at"])}),
+        )
 
     async def round(
         self, users: list[str], latencies: list[float], errors: list[str]
@@ -353,6 +414,13 @@ async def main() -> int:
                 mesh = Mesh(server.target, server.token, server.tenant_id)
                 await mesh.setup()
                 raw = Raw(pool, redis, prefix, server.tenant_id)
+                for case, runner in (("classmesh", mesh), ("raw", raw)):
+                    users = [f"{case[0]}w-{i}-{secrets.token_hex(3)}" for i in range(WARMUP)]
+                    warm_errors: list[str] = []
+                    sid, _ = await runner.round(users, [], warm_errors)
+                    if warm_errors:
+                        raise RuntimeError(warm_errors[0])
+                    await _check_seats(pool, sid, WARMUP)
                 for n in range(ROUNDS):
                     for case in ("classmesh", "raw") if n % 2 == 0 else ("raw", "classmesh"):
                         users = [f"{case[0]}{n}-{i}-{secrets.token_hex(3)}" for i in range(SEATS)]
@@ -370,7 +438,8 @@ async def main() -> int:
 
     figures = [_figure(c, lat[c], secs[c], errs[c]) for c in ("classmesh", "raw")]
     print_table(
-        f"JoinSession, {CLIENTS} concurrent clients on one session, {ROUNDS} x {SEATS} joins",
+        f"JoinSession, {CLIENTS} concurrent clients on one session, {ROUNDS} x {SEATS} joins "
+        f"(after {WARMUP} warm-up joins each)",
         ["case", "joins", "joins/s", "p50 ms", "p95 ms", "p99 ms", "errors"],
         [(f.case, f.joins, f.joins_per_s, f.p50_ms, f.p95_ms, f.p99_ms, f.errors) for f in figures],
     )
