@@ -1153,7 +1153,9 @@ class SessionService:
             return await self._rejoin(conn, principal, req, sid, guest)
         if claim.participant != expected or claim.event is None:
             # The log would describe another row than the table holds: refuse (rolls back).
-            raise RuntimeError(f"joined participant differs from the logged one: {claim}")
+            raise RuntimeError(
+                f"participant {new.id} of session {seen.id} differs from the one to be logged"
+            )
         session = replace(
             claim.session, lobby_count=claim.session.lobby_count + (1 if landing == "lobby" else 0)
         )
