@@ -9,6 +9,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from classmesh.common.v1 import common_pb2
+from classmesh.core.eventproto import ROLES
 from classmesh.core.timeutil import to_duration, to_timestamp
 from classmesh.interaction import rules
 from classmesh.interaction.store import (
@@ -44,13 +45,6 @@ __all__ = [
 
 IX = interaction_pb2
 
-ROLES: dict[str, common_pb2.Role.ValueType] = {
-    "instructor": common_pb2.ROLE_INSTRUCTOR,
-    "assistant": common_pb2.ROLE_ASSISTANT,
-    "student": common_pb2.ROLE_STUDENT,
-    "guest": common_pb2.ROLE_GUEST,
-    "admin": common_pb2.ROLE_ADMIN,
-}
 CHAT_TYPES: dict[str, interaction_pb2.ChatMessageType.ValueType] = {
     "text": IX.CHAT_MESSAGE_TYPE_TEXT,
     "emoji": IX.CHAT_MESSAGE_TYPE_EMOJI,

@@ -26,7 +26,7 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -48,8 +48,8 @@ from classmesh.core.errors import (
     ResourceExhausted,
     Validator,
 )
-from classmesh.core.eventproto import actor_dict, log_payload
-from classmesh.core.events import EventRecord, append_event
+from classmesh.core.eventproto import EventBatch, actor_dict
+from classmesh.core.events import EventRecord
 from classmesh.core.feeds import MAX_SEQ, Scope
 from classmesh.core.paging import decode_page_token, encode_page_token, page_size
 from classmesh.core.ratelimit import RateLimiter, rate_limit_key
@@ -177,39 +177,7 @@ class FeedPlan:
     viewer: rules.Viewer
 
 
-class _Events:
-    """The events of one mutation: request_id on the first only (unique per session)."""
-
-    def __init__(
-        self, tenant_id: str, session_id: str, actor: Mapping[str, Any], request_id: str | None
-    ) -> None:
-        self.tenant_id = tenant_id
-        self.session_id = session_id
-        self.actor = dict(actor)
-        self.request_id = request_id or None
-        self.records: list[EventRecord] = []
-
-    async def add(
-        self,
-        conn: asyncpg.Connection,
-        payload: Message,
-        room: str | None,
-        *,
-        actor: Mapping[str, Any] | None = None,
-    ) -> EventRecord:
-        type_, body = log_payload(payload)
-        record = await append_event(
-            conn,
-            tenant_id=self.tenant_id,
-            session_id=self.session_id,
-            type=type_,
-            payload=body,
-            actor=self.actor if actor is None else actor,
-            request_id=None if self.records else self.request_id,
-            breakout_room_id=room,
-        )
-        self.records.append(record)
-        return record
+_Events = EventBatch
 
 
 def _events(ctx: Ctx, request_id: str) -> _Events:

@@ -15,6 +15,8 @@ from typing import Any
 
 import asyncpg
 
+from classmesh.core.audit import insert_audit
+
 __all__ = [
     "ChatRow",
     "HandRow",
@@ -526,36 +528,8 @@ class InteractionStore:
         )
         return value
 
-    async def insert_audit(
-        self,
-        conn: asyncpg.Connection,
-        *,
-        tenant_id: str,
-        session_id: str,
-        actor_id: str,
-        actor_role: str,
-        action: str,
-        target_type: str,
-        target_id: str,
-        reason: str,
-        metadata: Mapping[str, Any],
-        request_id: str,
-    ) -> None:
-        await conn.execute(
-            "INSERT INTO audit_logs (tenant_id, session_id, actor_id, actor_role, action, "
-            "target_type, target_id, reason, metadata, request_id) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10)",
-            _u(tenant_id),
-            _u(session_id),
-            actor_id[:255],
-            actor_role,
-            action,
-            target_type,
-            target_id,
-            reason or None,
-            dict(metadata),
-            request_id or None,
-        )
+    #: Audit rows go through the one shared insert.
+    insert_audit = staticmethod(insert_audit)
 
     # ------------------------------------------------------------------ chat
 

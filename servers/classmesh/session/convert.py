@@ -13,6 +13,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from classmesh.common.v1 import common_pb2
+from classmesh.core.eventproto import ROLES
 from classmesh.core.timeutil import to_duration, to_timestamp
 from classmesh.session.store import AuditRow, LogRow, ParticipantRow, SessionRow, StudyRoomRow
 from classmesh.session.v1 import session_pb2
@@ -53,13 +54,6 @@ PARTICIPANT_STATUSES: dict[str, session_pb2.ParticipantStatus.ValueType] = {
     "removed": S.PARTICIPANT_STATUS_REMOVED,
     "left": S.PARTICIPANT_STATUS_LEFT,
     "disconnected": S.PARTICIPANT_STATUS_DISCONNECTED,
-}
-ROLES: dict[str, common_pb2.Role.ValueType] = {
-    "instructor": common_pb2.ROLE_INSTRUCTOR,
-    "assistant": common_pb2.ROLE_ASSISTANT,
-    "student": common_pb2.ROLE_STUDENT,
-    "guest": common_pb2.ROLE_GUEST,
-    "admin": common_pb2.ROLE_ADMIN,
 }
 #: audit_logs.action text <-> AuditAction (the enum name without its prefix, lower-cased).
 AUDIT_ACTIONS: dict[str, session_pb2.AuditAction.ValueType] = {

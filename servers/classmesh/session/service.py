@@ -40,8 +40,8 @@ from classmesh.core.errors import (
     ResourceExhausted,
     Validator,
 )
-from classmesh.core.eventproto import EVENT_TYPES, actor_dict, log_payload, to_event
-from classmesh.core.events import EventRecord, append_event, read_events
+from classmesh.core.eventproto import EVENT_TYPES, EventBatch, actor_dict, log_payload, to_event
+from classmesh.core.events import EventRecord, read_events
 from classmesh.core.paging import decode_page_token, encode_page_token, page_size
 from classmesh.core.sessionguard import check_live, check_not_removed, check_usable
 from classmesh.core.timeutil import to_duration, to_timestamp
@@ -292,35 +292,7 @@ def _role_word(principal: Principal) -> str:
     return principal.role if principal.role in convert.ROLES else "student"
 
 
-class _Events:
-    """The events of one mutation: request_id on the first only (unique per session)."""
-
-    def __init__(
-        self, tenant_id: str, session_id: str, actor: Mapping[str, Any], request_id: str | None
-    ) -> None:
-        self.tenant_id = tenant_id
-        self.session_id = session_id
-        self.actor = dict(actor)
-        self.request_id = request_id or None
-        self.records: list[EventRecord] = []
-
-    async def add(self, conn: asyncpg.Connection, payload: Message) -> EventRecord:
-        type_, body = log_payload(payload)
-        record = await append_event(
-            conn,
-            tenant_id=self.tenant_id,
-            session_id=self.session_id,
-            type=type_,
-            payload=body,
-            actor=self.actor,
-            request_id=None if self.records else self.request_id,
-        )
-        self.records.append(record)
-        return record
-
-    @property
-    def last_seq(self) -> int:
-        return self.records[-1].seq if self.records else 0
+_Events = EventBatch
 
 
 class _SeatQueue:

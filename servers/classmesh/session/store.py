@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from classmesh.core.audit import insert_audit
 from classmesh.core.events import (
     NEXT_SEQ,
     EventRecord,
@@ -1121,36 +1122,8 @@ class SessionStore:
 
     # ------------------------------------------------------------------ audit
 
-    async def insert_audit(
-        self,
-        conn: asyncpg.Connection,
-        *,
-        tenant_id: str,
-        session_id: str,
-        actor_id: str,
-        actor_role: str,
-        action: str,
-        target_type: str | None = None,
-        target_id: str | None = None,
-        reason: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        request_id: str | None = None,
-    ) -> None:
-        await conn.execute(
-            "INSERT INTO audit_logs (tenant_id, session_id, actor_id, actor_role, action, "
-            "target_type, target_id, reason, metadata, request_id) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10)",
-            _u(tenant_id),
-            _u(session_id),
-            actor_id[:255],
-            actor_role,
-            action,
-            target_type,
-            target_id,
-            reason or None,
-            dict(metadata or {}),
-            request_id or None,
-        )
+    #: Audit rows go through the one shared insert.
+    insert_audit = staticmethod(insert_audit)
 
     async def list_audit(
         self,
