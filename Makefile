@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 BUF := node_modules/.bin/buf
 
-.PHONY: venv gen gen-files gen-check lint test test-only run bench clean
+.PHONY: venv system-deps gen gen-files gen-check lint test test-only run bench clean
 
 venv: $(STAMP) $(NPM_STAMP)
 
@@ -48,9 +48,13 @@ lint: venv
 	$(BIN)/ruff format --check servers sdk tests bench tools
 	$(BIN)/mypy
 
-test: venv gen-check lint test-only
+# Janus, Chromium and ChromeDriver for the media and browser tests (Debian packages).
+system-deps:
+	bash tools/system_deps.sh
 
-test-only: venv
+test: venv system-deps gen-check lint test-only
+
+test-only: venv system-deps
 	$(BIN)/pytest -q
 
 run: venv
