@@ -212,10 +212,16 @@ async def test_list_api_keys_pages_walk_every_key_once(client: ClassMeshClient) 
     assert sorted(seen) == sorted(everything)
 
 
-@pytest.mark.parametrize(
-    "page_token",
-    ["garbage!!", "W10", base64.urlsafe_b64encode(b'["not a time","x"]').decode(), "x" * 2000],
-)
+BAD_PAGE_TOKENS = [
+    "garbage!!",
+    "W10",
+    base64.urlsafe_b64encode(b'["not a time","x"]').decode(),
+    base64.urlsafe_b64encode(b'["2024-01-01T00:00:00+00:00",null]').decode(),
+    "x" * 2000,
+]
+
+
+@pytest.mark.parametrize("page_token", BAD_PAGE_TOKENS)
 async def test_garbage_page_token_is_invalid_argument(
     client: ClassMeshClient, page_token: str
 ) -> None:
@@ -223,8 +229,22 @@ async def test_garbage_page_token_is_invalid_argument(
         await client.admin.list_api_keys(page_size=2, page_token=page_token)
     err = info.value
     assert [f for f, _ in err.field_violations] == ["page_token"]
-    assert err.reason == "VALIDATION_FAILED" and err.domain == DOMAIN
+    assert err.reason == "PAGE_TOKEN_INVALID" and err.domain == DOMAIN
     assert "Traceback" not in err.message
+
+
+async def test_bad_page_token_answers_as_the_session_service_does(
+    client: ClassMeshClient,
+) -> None:
+    """One answer to a page token the API did not hand out, whichever service lists."""
+    for page_token in BAD_PAGE_TOKENS:
+        answers = []
+        for call in (client.admin.list_api_keys, client.sessions.list_sessions):
+            with pytest.raises(InvalidArgumentError) as info:
+                await call(page_size=2, page_token=page_token, retry=NO_RETRY)
+            err = info.value
+            answers.append((err.code, err.reason, err.domain, [f for f, _ in err.field_violations]))
+        assert answers[0] == answers[1], (page_token, answers)
 
 
 async def test_revoked_key_stops_verifying_at_once(

@@ -11,11 +11,13 @@ import asyncpg
 from classmesh.admin.store import AdminStore, ApiKeyRow, TenantRow
 from classmesh.core.auth import AccessToken, Principal, require
 from classmesh.core.db import transaction
-from classmesh.core.errors import AlreadyExists, NotFound, Validator
+from classmesh.core.errors import AlreadyExists, InvalidArgument, NotFound, Validator
+from classmesh.core.paging import decode_page_token
 
 __all__ = [
     "AdminService",
     "CreatedKey",
+    "api_key_cursor",
     "DevBootstrap",
     "create_tenant_with_key",
     "dev_bootstrap",
@@ -26,6 +28,25 @@ __all__ = [
 KEY_ROLES = ("admin",)
 DEV_KEY_DESCRIPTION = "classmesh up development key"
 MAX_PAGE = 100
+
+
+#: The ErrorInfo reason of a page token this API did not hand out (as every other service).
+PAGE_TOKEN_INVALID = "PAGE_TOKEN_INVALID"
+
+
+def api_key_cursor(token: str) -> tuple[datetime, str] | None:
+    """The (created_at, key id) keyset cursor of a ListApiKeys page token; None for none."""
+    values = decode_page_token(token, 2, reason=PAGE_TOKEN_INVALID)
+    if values is None:
+        return None
+    try:
+        if not isinstance(values[1], str) or not values[1]:
+            raise ValueError("key id")
+        return datetime.fromisoformat(str(values[0])), values[1]
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(
+            [("page_token", "not a page token of this list")], reason=PAGE_TOKEN_INVALID
+        ) from exc
 
 
 def new_key_id() -> str:

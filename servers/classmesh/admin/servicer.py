@@ -6,20 +6,19 @@ webhooks, ListAuditLogs) answer UNIMPLEMENTED from the generated base until thei
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 import grpc
 
-from classmesh.admin.service import AdminService
+from classmesh.admin.service import AdminService, api_key_cursor
 from classmesh.admin.store import ApiKeyRow
 from classmesh.admin.v1 import admin_pb2, admin_service_pb2, admin_service_pb2_grpc
 from classmesh.core.auth import current_principal
 from classmesh.core.db import connection
 from classmesh.core.errors import InvalidArgument
 from classmesh.core.mutations import Outcome, run_mutation
-from classmesh.core.paging import decode_page_token, encode_page_token, page_size
+from classmesh.core.paging import encode_page_token, page_size
 from classmesh.core.runtime import Runtime
 from classmesh.core.timeutil import to_timestamp
 
@@ -102,13 +101,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     ) -> admin_service_pb2.ListApiKeysResponse:
         principal = current_principal()
         size = page_size(request.page_size, default=50, cap=100)
-        cursor = decode_page_token(request.page_token, 2)
-        after: tuple[datetime, str] | None = None
-        if cursor is not None:
-            try:
-                after = (datetime.fromisoformat(str(cursor[0])), str(cursor[1]))
-            except ValueError as exc:
-                raise InvalidArgument([("page_token", "not a page token of this list")]) from exc
+        after = api_key_cursor(request.page_token)
         async with connection(self.runtime.pool) as conn:
             rows = await self.service.list_api_keys(
                 conn,
