@@ -205,6 +205,11 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(
             "CLASSMESH_HEARTBEAT_TIMEOUT_SECONDS must exceed CLASSMESH_HEARTBEAT_INTERVAL_SECONDS"
         )
+    for url in (u.strip() for u in cfg.turn_urls.split(",")):
+        if url and not url.lower().startswith(("stun:", "stuns:", "turn:", "turns:")):
+            raise ConfigError(
+                f"CLASSMESH_TURN_URLS: {url!r} is not a stun:, stuns:, turn: or turns: URL"
+            )
     if cfg.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(
             f"CLASSMESH_LOG_LEVEL={cfg.log_level!r}: use DEBUG, INFO, WARNING or ERROR"

@@ -16,11 +16,8 @@ mute: the publisher keeps sending, the server forwards nothing).
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
-import hashlib
-import hmac
 import logging
 import time
 import uuid
@@ -60,6 +57,7 @@ from classmesh.core.sessionguard import (
     require_participant,
 )
 from classmesh.core.timeutil import to_timestamp
+from classmesh.core.turn import mint_ice_servers
 from classmesh.media import store
 from classmesh.media.engine.router import AiortcRouter, Consumer, Producer
 from classmesh.media.v1 import media_pb2
@@ -973,11 +971,14 @@ class MediaService:
                 "TURN is not configured on this deployment "
                 "(set CLASSMESH_TURN_SECRET and CLASSMESH_TURN_URLS)",
             )
-        lifetime = ttl if ttl is not None else cfg.turn_ttl_seconds
-        expiry = int(now if now is not None else time.time()) + lifetime
-        username = f"{expiry}:{principal.subject}"
-        digest = hmac.new(cfg.turn_secret.encode(), username.encode(), hashlib.sha1).digest()
-        return username, base64.b64encode(digest).decode(), lifetime, expiry, urls[:10]
+        grant = mint_ice_servers(cfg, principal.subject, ttl=ttl, now=now)
+        return (
+            grant.username,
+            grant.credential,
+            grant.ttl_seconds,
+            grant.expires_at,
+            list(grant.urls),
+        )
 
     def media_stats(
         self, principal: Principal, session_id: str, room_id: str | None, user_id: str
