@@ -212,6 +212,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INVALID_ARGUMENT: SDP or ICE candidate could not be parsed or negotiated."""
     ERROR_REASON_TRACK_NOT_FOUND: _ErrorReason.ValueType  # 65
     """NOT_FOUND: the track (producer) does not exist or was unpublished."""
+    ERROR_REASON_LAYERS_NOT_SUPPORTED: _ErrorReason.ValueType  # 66
+    """FAILED_PRECONDITION: the router's back-end cannot receive simulcast, so there are no
+    layers to choose (aiortc); use a router on the janus back-end for SetPreferredLayers.
+    """
+    ERROR_REASON_CODEC_NOT_SUPPORTED: _ErrorReason.ValueType  # 67
+    """INVALID_ARGUMENT: the requested codec cannot be forwarded by the router's back-end
+    (ErrorInfo metadata "codec", "supported").
+    """
     ERROR_REASON_RECORDING_DISABLED: _ErrorReason.ValueType  # 70
     """--- recording ---
     FAILED_PRECONDITION: recording is disabled for the session.
@@ -381,6 +389,14 @@ ERROR_REASON_SDP_INVALID: ErrorReason.ValueType  # 64
 """INVALID_ARGUMENT: SDP or ICE candidate could not be parsed or negotiated."""
 ERROR_REASON_TRACK_NOT_FOUND: ErrorReason.ValueType  # 65
 """NOT_FOUND: the track (producer) does not exist or was unpublished."""
+ERROR_REASON_LAYERS_NOT_SUPPORTED: ErrorReason.ValueType  # 66
+"""FAILED_PRECONDITION: the router's back-end cannot receive simulcast, so there are no
+layers to choose (aiortc); use a router on the janus back-end for SetPreferredLayers.
+"""
+ERROR_REASON_CODEC_NOT_SUPPORTED: ErrorReason.ValueType  # 67
+"""INVALID_ARGUMENT: the requested codec cannot be forwarded by the router's back-end
+(ErrorInfo metadata "codec", "supported").
+"""
 ERROR_REASON_RECORDING_DISABLED: ErrorReason.ValueType  # 70
 """--- recording ---
 FAILED_PRECONDITION: recording is disabled for the session.

@@ -203,6 +203,11 @@ class _PauseReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PauseReas
     """Not enough bandwidth for even the lowest layer."""
     PAUSE_REASON_MODERATOR: _PauseReason.ValueType  # 4
     """A moderator muted the publisher."""
+    PAUSE_REASON_ROOM_SIZE: _PauseReason.ValueType  # 5
+    """The room has more participants than CLASSMESH_MEDIA_AUDIO_ONLY_ABOVE: video is paused
+    for every subscriber (seed 003 graceful degradation, audio keeps flowing); a
+    ConsumerResumed follows (and a keyframe) when the room is small enough again.
+    """
 
 class PauseReason(_PauseReason, metaclass=_PauseReasonEnumTypeWrapper):
     """Why a consumer was paused."""
@@ -217,6 +222,11 @@ PAUSE_REASON_BANDWIDTH: PauseReason.ValueType  # 3
 """Not enough bandwidth for even the lowest layer."""
 PAUSE_REASON_MODERATOR: PauseReason.ValueType  # 4
 """A moderator muted the publisher."""
+PAUSE_REASON_ROOM_SIZE: PauseReason.ValueType  # 5
+"""The room has more participants than CLASSMESH_MEDIA_AUDIO_ONLY_ABOVE: video is paused
+for every subscriber (seed 003 graceful degradation, audio keeps flowing); a
+ConsumerResumed follows (and a keyframe) when the room is small enough again.
+"""
 Global___PauseReason: _TypeAlias = PauseReason  # noqa: Y015
 
 class _ConnectionQuality:
@@ -984,26 +994,70 @@ class RouterMoved(_message.Message):
     FROM_ROUTER_ID_FIELD_NUMBER: _builtins.int
     TO_ROUTER_ID_FIELD_NUMBER: _builtins.int
     BREAKOUT_ROOM_ID_FIELD_NUMBER: _builtins.int
+    REPUBLISH_FIELD_NUMBER: _builtins.int
     from_router_id: _builtins.str
     """Router left (UUID)."""
     to_router_id: _builtins.str
     """Router to connect to (UUID)."""
     breakout_room_id: _builtins.str
     """Breakout room of the new router; empty = main room."""
+    republish: _builtins.bool
+    """True when the server could not keep the publisher connection (the new router runs on
+    another media worker or back-end): the client publishes again on a new publisher
+    connection (a new offer with the same tracks; no PublishTrack needed, the server
+    re-created the tracks in the new router and announced them). False: media of the
+    client's tracks flows in the new room without anything to do.
+    """
     def __init__(
         self,
         *,
         from_router_id: _builtins.str = ...,
         to_router_id: _builtins.str = ...,
         breakout_room_id: _builtins.str = ...,
+        republish: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakout_room_id", b"breakout_room_id", "from_router_id", b"from_router_id", "to_router_id", b"to_router_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakout_room_id", b"breakout_room_id", "from_router_id", b"from_router_id", "republish", b"republish", "to_router_id", b"to_router_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RouterMoved: _TypeAlias = RouterMoved  # noqa: Y015
+
+@_typing.final
+class MediaRestarted(_message.Message):
+    """Server -> client: the media router lost its forwarding state (its media worker died) and
+    was re-created, same router id, on a live worker. Every connection of the client in the
+    router is gone: the client creates new publisher and subscriber connections, publishes
+    again (a new offer with the same tracks; track ids are kept, no PublishTrack needed)
+    and subscribes again to the track ids it had subscribed (the server offers).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTER_ID_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    router_id: _builtins.str
+    """The router (UUID)."""
+    node_id: _builtins.str
+    """Media node (worker) the router now runs on."""
+    reason: _builtins.str
+    """Why, for humans, 0-200 characters."""
+    def __init__(
+        self,
+        *,
+        router_id: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "reason", b"reason", "router_id", b"router_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MediaRestarted: _TypeAlias = MediaRestarted  # noqa: Y015
 
 @_typing.final
 class PublishAccepted(_message.Message):
@@ -1072,6 +1126,7 @@ class ServerSignal(_message.Message):
     ROUTER_MOVED_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    MEDIA_RESTARTED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Per participant and router signal sequence, gap-free from 1 (resume ReceiveSignals with after_seq)."""
     signal_id: _builtins.str
@@ -1132,6 +1187,10 @@ class ServerSignal(_message.Message):
     def error(self) -> _common_pb2.RpcStatus:
         """The signal failed (google.rpc.Status shape, with ErrorInfo)."""
 
+    @_builtins.property
+    def media_restarted(self) -> Global___MediaRestarted:
+        """The router was re-created after a media worker failure: renegotiate everything."""
+
     def __init__(
         self,
         *,
@@ -1151,12 +1210,13 @@ class ServerSignal(_message.Message):
         router_moved: Global___RouterMoved | None = ...,
         ack: Global___SignalAck | None = ...,
         error: _common_pb2.RpcStatus | None = ...,
+        media_restarted: Global___MediaRestarted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "answer", b"answer", "connection_quality", b"connection_quality", "consumer_paused", b"consumer_paused", "consumer_resumed", b"consumer_resumed", "error", b"error", "ice_candidate", b"ice_candidate", "keyframe_requested", b"keyframe_requested", "message", b"message", "offer", b"offer", "publish_accepted", b"publish_accepted", "router_moved", b"router_moved", "time", b"time", "track_published", b"track_published", "track_unpublished", b"track_unpublished"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "answer", b"answer", "connection_quality", b"connection_quality", "consumer_paused", b"consumer_paused", "consumer_resumed", b"consumer_resumed", "error", b"error", "ice_candidate", b"ice_candidate", "keyframe_requested", b"keyframe_requested", "media_restarted", b"media_restarted", "message", b"message", "offer", b"offer", "publish_accepted", b"publish_accepted", "router_moved", b"router_moved", "time", b"time", "track_published", b"track_published", "track_unpublished", b"track_unpublished"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "answer", b"answer", "connection_quality", b"connection_quality", "consumer_paused", b"consumer_paused", "consumer_resumed", b"consumer_resumed", "error", b"error", "ice_candidate", b"ice_candidate", "keyframe_requested", b"keyframe_requested", "message", b"message", "offer", b"offer", "publish_accepted", b"publish_accepted", "router_moved", b"router_moved", "seq", b"seq", "signal_id", b"signal_id", "time", b"time", "track_published", b"track_published", "track_unpublished", b"track_unpublished"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "answer", b"answer", "connection_quality", b"connection_quality", "consumer_paused", b"consumer_paused", "consumer_resumed", b"consumer_resumed", "error", b"error", "ice_candidate", b"ice_candidate", "keyframe_requested", b"keyframe_requested", "media_restarted", b"media_restarted", "message", b"message", "offer", b"offer", "publish_accepted", b"publish_accepted", "router_moved", b"router_moved", "seq", b"seq", "signal_id", b"signal_id", "time", b"time", "track_published", b"track_published", "track_unpublished", b"track_unpublished"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["answer", "offer", "ice_candidate", "track_published", "track_unpublished", "consumer_paused", "consumer_resumed", "keyframe_requested", "connection_quality", "publish_accepted", "router_moved", "ack", "error"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["answer", "offer", "ice_candidate", "track_published", "track_unpublished", "consumer_paused", "consumer_resumed", "keyframe_requested", "connection_quality", "publish_accepted", "router_moved", "ack", "error", "media_restarted"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -1483,3 +1543,73 @@ class IceServer(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IceServer: _TypeAlias = IceServer  # noqa: Y015
+
+@_typing.final
+class WorkerStats(_message.Message):
+    """Figures of one media worker (a forwarding process)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    ALIVE_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
+    ROUTER_COUNT_FIELD_NUMBER: _builtins.int
+    PEER_COUNT_FIELD_NUMBER: _builtins.int
+    PRODUCER_COUNT_FIELD_NUMBER: _builtins.int
+    CONSUMER_COUNT_FIELD_NUMBER: _builtins.int
+    FORWARDED_FRAMES_FIELD_NUMBER: _builtins.int
+    FORWARDED_BYTES_FIELD_NUMBER: _builtins.int
+    DROPPED_FRAMES_FIELD_NUMBER: _builtins.int
+    RECEIVED_FRAMES_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """Worker id, e.g. "aiortc-0", 1-128 characters (Router.node_id of its routers)."""
+    backend: Global___MediaBackend.ValueType
+    """Back-end it belongs to."""
+    pid: _builtins.int
+    """Operating-system process id of the worker (0 when not a local process)."""
+    alive: _builtins.bool
+    """Whether the process is running."""
+    restarts: _builtins.int
+    """Times the worker was respawned after its process died."""
+    router_count: _builtins.int
+    """Routers placed on it."""
+    peer_count: _builtins.int
+    """Peers (participants' connection pairs) on it."""
+    producer_count: _builtins.int
+    """Producers on it."""
+    consumer_count: _builtins.int
+    """Consumers on it."""
+    forwarded_frames: _builtins.int
+    """Encoded frames forwarded to consumers (cumulative over open consumers)."""
+    forwarded_bytes: _builtins.int
+    """Bytes of those frames (payload)."""
+    dropped_frames: _builtins.int
+    """Frames dropped for consumers (keyframe wait, full queue)."""
+    received_frames: _builtins.int
+    """Encoded frames received from producers."""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        backend: Global___MediaBackend.ValueType = ...,
+        pid: _builtins.int = ...,
+        alive: _builtins.bool = ...,
+        restarts: _builtins.int = ...,
+        router_count: _builtins.int = ...,
+        peer_count: _builtins.int = ...,
+        producer_count: _builtins.int = ...,
+        consumer_count: _builtins.int = ...,
+        forwarded_frames: _builtins.int = ...,
+        forwarded_bytes: _builtins.int = ...,
+        dropped_frames: _builtins.int = ...,
+        received_frames: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "backend", b"backend", "consumer_count", b"consumer_count", "dropped_frames", b"dropped_frames", "forwarded_bytes", b"forwarded_bytes", "forwarded_frames", b"forwarded_frames", "peer_count", b"peer_count", "pid", b"pid", "producer_count", b"producer_count", "received_frames", b"received_frames", "restarts", b"restarts", "router_count", b"router_count", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerStats: _TypeAlias = WorkerStats  # noqa: Y015

@@ -680,18 +680,26 @@ class GetMediaStatsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROUTERS_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def routers(self) -> _containers.RepeatedCompositeFieldContainer[_media_pb2.RouterStats]:
         """One entry per router."""
+
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[_media_pb2.WorkerStats]:
+        """Every media worker of the deployment (only for callers with the admin role; empty
+        for others): pids let operators and benchmarks read a worker's CPU.
+        """
 
     def __init__(
         self,
         *,
         routers: _abc.Iterable[_media_pb2.RouterStats] | None = ...,
+        workers: _abc.Iterable[_media_pb2.WorkerStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["routers", b"routers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["routers", b"routers", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

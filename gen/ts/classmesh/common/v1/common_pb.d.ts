@@ -614,6 +614,22 @@ export enum ErrorReason {
   TRACK_NOT_FOUND = 65,
 
   /**
+   * FAILED_PRECONDITION: the router's back-end cannot receive simulcast, so there are no
+   * layers to choose (aiortc); use a router on the janus back-end for SetPreferredLayers.
+   *
+   * @generated from enum value: ERROR_REASON_LAYERS_NOT_SUPPORTED = 66;
+   */
+  LAYERS_NOT_SUPPORTED = 66,
+
+  /**
+   * INVALID_ARGUMENT: the requested codec cannot be forwarded by the router's back-end
+   * (ErrorInfo metadata "codec", "supported").
+   *
+   * @generated from enum value: ERROR_REASON_CODEC_NOT_SUPPORTED = 67;
+   */
+  CODEC_NOT_SUPPORTED = 67,
+
+  /**
    * --- recording ---
    * FAILED_PRECONDITION: recording is disabled for the session.
    *

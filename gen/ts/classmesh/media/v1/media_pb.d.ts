@@ -903,6 +903,17 @@ export declare type RouterMoved = Message<"classmesh.media.v1.RouterMoved"> & {
    * @generated from field: string breakout_room_id = 3;
    */
   breakoutRoomId: string;
+
+  /**
+   * True when the server could not keep the publisher connection (the new router runs on
+   * another media worker or back-end): the client publishes again on a new publisher
+   * connection (a new offer with the same tracks; no PublishTrack needed, the server
+   * re-created the tracks in the new router and announced them). False: media of the
+   * client's tracks flows in the new room without anything to do.
+   *
+   * @generated from field: bool republish = 4;
+   */
+  republish: boolean;
 };
 
 /**
@@ -910,6 +921,44 @@ export declare type RouterMoved = Message<"classmesh.media.v1.RouterMoved"> & {
  * Use `create(RouterMovedSchema)` to create a new message.
  */
 export declare const RouterMovedSchema: GenMessage<RouterMoved>;
+
+/**
+ * Server -> client: the media router lost its forwarding state (its media worker died) and
+ * was re-created, same router id, on a live worker. Every connection of the client in the
+ * router is gone: the client creates new publisher and subscriber connections, publishes
+ * again (a new offer with the same tracks; track ids are kept, no PublishTrack needed)
+ * and subscribes again to the track ids it had subscribed (the server offers).
+ *
+ * @generated from message classmesh.media.v1.MediaRestarted
+ */
+export declare type MediaRestarted = Message<"classmesh.media.v1.MediaRestarted"> & {
+  /**
+   * The router (UUID).
+   *
+   * @generated from field: string router_id = 1;
+   */
+  routerId: string;
+
+  /**
+   * Media node (worker) the router now runs on.
+   *
+   * @generated from field: string node_id = 2;
+   */
+  nodeId: string;
+
+  /**
+   * Why, for humans, 0-200 characters.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message classmesh.media.v1.MediaRestarted.
+ * Use `create(MediaRestartedSchema)` to create a new message.
+ */
+export declare const MediaRestartedSchema: GenMessage<MediaRestarted>;
 
 /**
  * Server -> client: the server accepted a PublishTrack.
@@ -1088,6 +1137,14 @@ export declare type ServerSignal = Message<"classmesh.media.v1.ServerSignal"> & 
      */
     value: RpcStatus;
     case: "error";
+  } | {
+    /**
+     * The router was re-created after a media worker failure: renegotiate everything.
+     *
+     * @generated from field: classmesh.media.v1.MediaRestarted media_restarted = 23;
+     */
+    value: MediaRestarted;
+    case: "mediaRestarted";
   } | { case: undefined; value?: undefined };
 };
 
@@ -1484,6 +1541,110 @@ export declare type IceServer = Message<"classmesh.media.v1.IceServer"> & {
 export declare const IceServerSchema: GenMessage<IceServer>;
 
 /**
+ * Figures of one media worker (a forwarding process).
+ *
+ * @generated from message classmesh.media.v1.WorkerStats
+ */
+export declare type WorkerStats = Message<"classmesh.media.v1.WorkerStats"> & {
+  /**
+   * Worker id, e.g. "aiortc-0", 1-128 characters (Router.node_id of its routers).
+   *
+   * @generated from field: string worker_id = 1;
+   */
+  workerId: string;
+
+  /**
+   * Back-end it belongs to.
+   *
+   * @generated from field: classmesh.media.v1.MediaBackend backend = 2;
+   */
+  backend: MediaBackend;
+
+  /**
+   * Operating-system process id of the worker (0 when not a local process).
+   *
+   * @generated from field: int32 pid = 3;
+   */
+  pid: number;
+
+  /**
+   * Whether the process is running.
+   *
+   * @generated from field: bool alive = 4;
+   */
+  alive: boolean;
+
+  /**
+   * Times the worker was respawned after its process died.
+   *
+   * @generated from field: int32 restarts = 5;
+   */
+  restarts: number;
+
+  /**
+   * Routers placed on it.
+   *
+   * @generated from field: int32 router_count = 6;
+   */
+  routerCount: number;
+
+  /**
+   * Peers (participants' connection pairs) on it.
+   *
+   * @generated from field: int32 peer_count = 7;
+   */
+  peerCount: number;
+
+  /**
+   * Producers on it.
+   *
+   * @generated from field: int32 producer_count = 8;
+   */
+  producerCount: number;
+
+  /**
+   * Consumers on it.
+   *
+   * @generated from field: int32 consumer_count = 9;
+   */
+  consumerCount: number;
+
+  /**
+   * Encoded frames forwarded to consumers (cumulative over open consumers).
+   *
+   * @generated from field: int64 forwarded_frames = 10;
+   */
+  forwardedFrames: bigint;
+
+  /**
+   * Bytes of those frames (payload).
+   *
+   * @generated from field: int64 forwarded_bytes = 11;
+   */
+  forwardedBytes: bigint;
+
+  /**
+   * Frames dropped for consumers (keyframe wait, full queue).
+   *
+   * @generated from field: int64 dropped_frames = 12;
+   */
+  droppedFrames: bigint;
+
+  /**
+   * Encoded frames received from producers.
+   *
+   * @generated from field: int64 received_frames = 13;
+   */
+  receivedFrames: bigint;
+};
+
+/**
+ * Describes the message classmesh.media.v1.WorkerStats.
+ * Use `create(WorkerStatsSchema)` to create a new message.
+ */
+export declare const WorkerStatsSchema: GenMessage<WorkerStats>;
+
+/**
  * Forwarding back-end of a router.
  *
  * @generated from enum classmesh.media.v1.MediaBackend
@@ -1750,6 +1911,15 @@ export enum PauseReason {
    * @generated from enum value: PAUSE_REASON_MODERATOR = 4;
    */
   MODERATOR = 4,
+
+  /**
+   * The room has more participants than CLASSMESH_MEDIA_AUDIO_ONLY_ABOVE: video is paused
+   * for every subscriber (seed 003 graceful degradation, audio keeps flowing); a
+   * ConsumerResumed follows (and a keyframe) when the room is small enough again.
+   *
+   * @generated from enum value: PAUSE_REASON_ROOM_SIZE = 5;
+   */
+  ROOM_SIZE = 5,
 }
 
 /**

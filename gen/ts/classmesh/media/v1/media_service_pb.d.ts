@@ -4,7 +4,7 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import type { Message } from "@bufbuild/protobuf";
-import type { ClientSignal, IceServer, MediaBackend, Router, RouterCapabilities, RouterStats, ServerSignal, Track } from "./media_pb.js";
+import type { ClientSignal, IceServer, MediaBackend, Router, RouterCapabilities, RouterStats, ServerSignal, Track, WorkerStats } from "./media_pb.js";
 import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
 
 /**
@@ -694,6 +694,14 @@ export declare type GetMediaStatsResponse = Message<"classmesh.media.v1.GetMedia
    * @generated from field: repeated classmesh.media.v1.RouterStats routers = 1;
    */
   routers: RouterStats[];
+
+  /**
+   * Every media worker of the deployment (only for callers with the admin role; empty
+   * for others): pids let operators and benchmarks read a worker's CPU.
+   *
+   * @generated from field: repeated classmesh.media.v1.WorkerStats workers = 2;
+   */
+  workers: WorkerStats[];
 };
 
 /**
