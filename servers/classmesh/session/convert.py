@@ -15,6 +15,8 @@ from google.protobuf import json_format
 from classmesh.common.v1 import common_pb2
 from classmesh.core.eventproto import ROLES
 from classmesh.core.timeutil import to_duration, to_timestamp
+from classmesh.core.turn import TurnGrant
+from classmesh.media.v1 import media_pb2
 from classmesh.session.store import AuditRow, LogRow, ParticipantRow, SessionRow, StudyRoomRow
 from classmesh.session.v1 import session_pb2
 
@@ -26,6 +28,7 @@ __all__ = [
     "ROLES",
     "SESSION_STATUSES",
     "audit_proto",
+    "ice_servers_proto",
     "log_proto",
     "participant_proto",
     "permissions_dict",
@@ -229,3 +232,11 @@ def study_room_proto(row: StudyRoomRow) -> session_pb2.StudyRoom:
         status=SESSION_STATUSES.get(row.status, S.SESSION_STATUS_UNSPECIFIED),
         joined=row.joined,
     )
+
+
+def ice_servers_proto(grant: TurnGrant) -> list[media_pb2.IceServer]:
+    """A TurnGrant's entries as the media API's IceServer messages (same order)."""
+    return [
+        media_pb2.IceServer(urls=list(e.urls), username=e.username, credential=e.credential)
+        for e in grant.ice_servers
+    ]

@@ -23,6 +23,7 @@ from classmesh.core.feeds import event_feed
 from classmesh.core.mutations import Outcome, run_mutation
 from classmesh.core.runtime import Runtime
 from classmesh.core.timeutil import to_duration, to_timestamp
+from classmesh.core.turn import mint_ice_servers
 from classmesh.session import convert, rules
 from classmesh.session.media import MediaClient
 from classmesh.session.presence import StreamPresence, Sweeper
@@ -251,6 +252,17 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             out.access_token_expire_time.CopyFrom(to_timestamp(result.access_token_expiry))
         return out
 
+    def _with_ice_servers(self, response: R.JoinSessionResponse) -> R.JoinSessionResponse:
+        """STUN/TURN for the participant, lobby or admitted: minted for every answer and
+        never stored with the idempotent response, so a replay does not hand out
+        credentials that may have expired since the first answer."""
+        grant = mint_ice_servers(self.runtime.config, response.participant.user_id)
+        response.ice_servers.extend(convert.ice_servers_proto(grant))
+        if grant.has_turn:
+            response.ice_servers_ttl.FromSeconds(grant.ttl_seconds)
+            response.ice_servers_expire_time.FromSeconds(grant.expires_at)
+        return response
+
     async def JoinSession(
         self, request: R.JoinSessionRequest, context: _Ctx
     ) -> R.JoinSessionResponse:
@@ -259,7 +271,7 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             async with connection(self.runtime.pool) as conn:
                 guest = await self.service.prepare_guest_join(conn, request)
             g = guest.principal
-            return await self._mutate(
+            joined = await self._mutate(
                 g,
                 "JoinSession",
                 request,
@@ -267,8 +279,9 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
                 lambda conn: self.service.join(conn, g, request, guest=guest),
                 lambda result: self._join_response(result, g),
             )
+            return self._with_ice_servers(joined)
         p = current_principal()
-        return await self._mutate(
+        joined = await self._mutate(
             p,
             "JoinSession",
             request,
@@ -276,6 +289,7 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             lambda conn: self.service.join(conn, p, request),
             lambda result: self._join_response(result, p),
         )
+        return self._with_ice_servers(joined)
 
     async def LeaveSession(
         self, request: R.LeaveSessionRequest, context: _Ctx

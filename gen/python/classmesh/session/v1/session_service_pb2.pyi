@@ -5,6 +5,7 @@ isort:skip_file
 
 from classmesh.common.v1 import common_pb2 as _common_pb2
 from classmesh.events.v1 import events_pb2 as _events_pb2
+from classmesh.media.v1 import media_pb2 as _media_pb2
 from classmesh.session.v1 import session_pb2 as _session_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -636,6 +637,9 @@ class JoinSessionResponse(_message.Message):
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     RECONNECTED_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
+    ICE_SERVERS_FIELD_NUMBER: _builtins.int
+    ICE_SERVERS_TTL_FIELD_NUMBER: _builtins.int
+    ICE_SERVERS_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     status: _session_pb2.ParticipantStatus.ValueType
     """LOBBY (wait for ParticipantAdmitted on WatchSession) or ADMITTED."""
     access_token: _builtins.str
@@ -670,6 +674,27 @@ class JoinSessionResponse(_message.Message):
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """Interval at which to call Heartbeat (10 s)."""
 
+    @_builtins.property
+    def ice_servers(self) -> _containers.RepeatedCompositeFieldContainer[_media_pb2.IceServer]:
+        """RTCPeerConnection iceServers: the STUN entry (no credentials), then TURN (udp/tcp) and
+        TURNS entries with time-limited coturn credentials (username "<expiry unix time>:<user
+        id>", credential base64 HMAC-SHA1 of the username with the shared secret). Filled for
+        every successful join, ADMITTED and LOBBY alike (a lobby participant connects media the
+        moment it is admitted), guests included. Not part of the stored idempotent response:
+        every answer, a replayed request_id too, carries freshly minted credentials. STUN only
+        when no TURN secret is configured; empty when no STUN/TURN URL is.
+        """
+
+    @_builtins.property
+    def ice_servers_ttl(self) -> _duration_pb2.Duration:
+        """Lifetime of the TURN credentials in ice_servers (server setting, default 1 h); unset
+        when ice_servers holds no TURN entry. Refresh with MediaService.GetTurnCredentials.
+        """
+
+    @_builtins.property
+    def ice_servers_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the TURN credentials in ice_servers stop working; unset without TURN entries."""
+
     def __init__(
         self,
         *,
@@ -683,10 +708,13 @@ class JoinSessionResponse(_message.Message):
         heartbeat_interval: _duration_pb2.Duration | None = ...,
         reconnected: _builtins.bool = ...,
         last_seq: _builtins.int = ...,
+        ice_servers: _abc.Iterable[_media_pb2.IceServer] | None = ...,
+        ice_servers_ttl: _duration_pb2.Duration | None = ...,
+        ice_servers_expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expire_time", b"access_token_expire_time", "heartbeat_interval", b"heartbeat_interval", "media_hints", b"media_hints", "participant", b"participant", "reconnect_grace", b"reconnect_grace", "session", b"session"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expire_time", b"access_token_expire_time", "heartbeat_interval", b"heartbeat_interval", "ice_servers_expire_time", b"ice_servers_expire_time", "ice_servers_ttl", b"ice_servers_ttl", "media_hints", b"media_hints", "participant", b"participant", "reconnect_grace", b"reconnect_grace", "session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expire_time", b"access_token_expire_time", "heartbeat_interval", b"heartbeat_interval", "last_seq", b"last_seq", "media_hints", b"media_hints", "participant", b"participant", "reconnect_grace", b"reconnect_grace", "reconnected", b"reconnected", "session", b"session", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expire_time", b"access_token_expire_time", "heartbeat_interval", b"heartbeat_interval", "ice_servers", b"ice_servers", "ice_servers_expire_time", b"ice_servers_expire_time", "ice_servers_ttl", b"ice_servers_ttl", "last_seq", b"last_seq", "media_hints", b"media_hints", "participant", b"participant", "reconnect_grace", b"reconnect_grace", "reconnected", b"reconnected", "session", b"session", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

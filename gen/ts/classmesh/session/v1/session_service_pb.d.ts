@@ -7,6 +7,7 @@ import type { Message } from "@bufbuild/protobuf";
 import type { Duration, FieldMask, Timestamp } from "@bufbuild/protobuf/wkt";
 import type { AttendanceRecord, AuditAction, AuditLogEntry, MediaHints, Participant, ParticipantPermissions, ParticipantStatus, Session, SessionAnalytics, SessionKind, SessionSettings, SessionStatus, StudyRoom, StudyRoomLog, StudyRoomLogKind } from "./session_pb.js";
 import type { Role, TimeRange } from "../../common/v1/common_pb.js";
+import type { IceServer } from "../../media/v1/media_pb.js";
 import type { Event } from "../../events/v1/events_pb.js";
 
 /**
@@ -725,6 +726,34 @@ export declare type JoinSessionResponse = Message<"classmesh.session.v1.JoinSess
    * @generated from field: int64 last_seq = 10;
    */
   lastSeq: bigint;
+
+  /**
+   * RTCPeerConnection iceServers: the STUN entry (no credentials), then TURN (udp/tcp) and
+   * TURNS entries with time-limited coturn credentials (username "<expiry unix time>:<user
+   * id>", credential base64 HMAC-SHA1 of the username with the shared secret). Filled for
+   * every successful join, ADMITTED and LOBBY alike (a lobby participant connects media the
+   * moment it is admitted), guests included. Not part of the stored idempotent response:
+   * every answer, a replayed request_id too, carries freshly minted credentials. STUN only
+   * when no TURN secret is configured; empty when no STUN/TURN URL is.
+   *
+   * @generated from field: repeated classmesh.media.v1.IceServer ice_servers = 11;
+   */
+  iceServers: IceServer[];
+
+  /**
+   * Lifetime of the TURN credentials in ice_servers (server setting, default 1 h); unset
+   * when ice_servers holds no TURN entry. Refresh with MediaService.GetTurnCredentials.
+   *
+   * @generated from field: google.protobuf.Duration ice_servers_ttl = 12;
+   */
+  iceServersTtl?: Duration | undefined;
+
+  /**
+   * When the TURN credentials in ice_servers stop working; unset without TURN entries.
+   *
+   * @generated from field: google.protobuf.Timestamp ice_servers_expire_time = 13;
+   */
+  iceServersExpireTime?: Timestamp | undefined;
 };
 
 /**
