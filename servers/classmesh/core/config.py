@@ -86,6 +86,16 @@ class Config:
     media_ice_hosts: str = ""
     #: Encoded frames queued per media consumer; a full video queue drops to the next keyframe.
     media_consumer_queue_size: int = 64
+    #: Forwarding back-end of new routers: "aiortc" (media workers) or "janus" (a Janus
+    #: videoroom per router, driven over Janus's HTTP API).
+    media_backend: str = "aiortc"
+    #: Janus HTTP API (janus back-end), e.g. http://10.0.0.5:8088/janus.
+    janus_url: str = "http://127.0.0.1:8088/janus"
+    #: Janus admin API (stats of the janus back-end), e.g. http://10.0.0.5:7088/admin;
+    #: empty = no transport figures (bitrates, loss, jitter, RTT) in GetMediaStats.
+    janus_admin_url: str = ""
+    #: Janus `admin_secret` (secret).
+    janus_admin_secret: str = ""
     #: STUN/TURN URLs handed to clients with TURN credentials, comma-separated (coturn).
     turn_urls: str = ""
     #: coturn `static-auth-secret` (secret): TURN REST credentials are minted with it; empty =
@@ -139,7 +149,7 @@ class Config:
         return out
 
 
-_SECRET_FIELDS = frozenset({"s3_secret_key", "turn_secret"})
+_SECRET_FIELDS = frozenset({"s3_secret_key", "turn_secret", "janus_admin_secret"})
 _URL_FIELDS = frozenset({"database_url", "redis_url"})
 
 
@@ -210,6 +220,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             raise ConfigError(
                 f"CLASSMESH_TURN_URLS: {url!r} is not a stun:, stuns:, turn: or turns: URL"
             )
+    if cfg.media_backend not in {"aiortc", "janus"}:
+        raise ConfigError(f"CLASSMESH_MEDIA_BACKEND={cfg.media_backend!r}: use aiortc or janus")
     if cfg.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(
             f"CLASSMESH_LOG_LEVEL={cfg.log_level!r}: use DEBUG, INFO, WARNING or ERROR"
