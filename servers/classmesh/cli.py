@@ -55,6 +55,34 @@ async def _migrate(dsn: str) -> list[str]:
         await conn.close()
 
 
+async def _start_gateway(cfg: Config, default_target: str) -> Any:
+    """The grpc-web gateway on CLASSMESH_GATEWAY_LISTEN in front of `default_target`
+    (services named in CLASSMESH_GATEWAY_UPSTREAMS go where it says)."""
+    from classmesh.core.server import SERVICES
+    from classmesh.gateway import GatewaySettings, mesh_routes, parse_upstreams, start_gateway
+
+    upstreams = parse_upstreams(cfg.gateway_upstreams, SERVICES)
+    routes = mesh_routes(default_target, upstreams)
+    gateway = await start_gateway(GatewaySettings.from_config(cfg), routes, cfg.gateway_listen)
+    _print(f"gateway: {gateway.url}")
+    return gateway
+
+
+async def _serve_gateway(cfg: Config) -> int:
+    """`classmesh serve gateway`: the gateway alone (no database, no Redis)."""
+    from classmesh.core.server import wait_for_shutdown
+
+    if not cfg.gateway_listen:
+        print("classmesh: CLASSMESH_GATEWAY_LISTEN is empty", file=sys.stderr)
+        return 2
+    gateway = await _start_gateway(cfg, cfg.effective_peer_target)
+    _print("ready: gateway")
+    sig = await wait_for_shutdown()
+    log.info("shutting down", extra={"signal": sig})
+    await gateway.stop()
+    return 0
+
+
 async def _serve(cfg: Config, shorts: Sequence[str], *, dev_token: bool) -> int:
     from classmesh.core.runtime import open_runtime
     from classmesh.core.server import start_server, wait_for_shutdown
@@ -65,10 +93,13 @@ async def _serve(cfg: Config, shorts: Sequence[str], *, dev_token: bool) -> int:
         if applied:
             log.info("migrations applied", extra={"migrations": applied})
         runtime = await open_runtime(cfg, database_url=dsn, redis_url=redis_url)
+        gateway: Any = None
         try:
             mesh = await start_server(runtime, shorts, cfg.listen)
             host = cfg.listen.rsplit(":", 1)[0]
             _print(f"grpc: {host}:{mesh.port}")
+            if dev_token and cfg.gateway_listen:  # `up`: the gateway beside the mesh
+                gateway = await _start_gateway(cfg, runtime.peer_target)
             if dev_token:
                 from classmesh.admin.service import dev_bootstrap
 
@@ -78,8 +109,13 @@ async def _serve(cfg: Config, shorts: Sequence[str], *, dev_token: bool) -> int:
             _print("ready: " + ", ".join(mesh.services))
             sig = await wait_for_shutdown()
             log.info("shutting down", extra={"signal": sig})
+            if gateway is not None:
+                await gateway.stop()
+                gateway = None
             await mesh.stop(cfg.shutdown_grace_seconds)
         finally:
+            if gateway is not None:
+                await gateway.stop()
             await runtime.close()
     finally:
         stop = getattr(embedded, "stop", None)
@@ -205,7 +241,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run every service on one port (embedded PostgreSQL/Redis if unset)")
     serve = sub.add_parser("serve", help="run one service")
-    serve.add_argument("service", choices=sorted(_services()))
+    serve.add_argument("service", choices=sorted([*_services(), "gateway"]))
     sub.add_parser("config", help="print the effective configuration (secrets masked)")
     mig = sub.add_parser("migrate", help="apply or roll back database migrations")
     mig.add_argument("action", choices=["up", "down", "status"])
@@ -278,6 +314,8 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         return _mint(args)
     if args.command == "up":
         return _run_server(_serve(cfg, _services(), dev_token=True))
+    if args.command == "serve" and args.service == "gateway":
+        return _run_server(_serve_gateway(cfg))
     if args.command == "serve":
         return _run_server(_serve(cfg, [args.service], dev_token=False))
     if args.command == "migrate":

@@ -20,6 +20,8 @@ class MeshProcess:
     proc: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
     target: str = ""
+    #: The grpc-web gateway's base URL (`gateway: http://...` line of `classmesh up`).
+    gateway: str = ""
     token: str = ""
     tenant_id: str = ""
     _q: queue.Queue[str | None] = field(default_factory=queue.Queue)
@@ -43,6 +45,8 @@ class MeshProcess:
             self.lines.append(line)
             if line.startswith("grpc: "):
                 self.target = line.split(" ", 1)[1]
+            elif line.startswith("gateway: "):
+                self.gateway = line.split(" ", 1)[1]
             elif line.startswith("token: "):
                 self.token = line.split(" ", 1)[1]
             elif line.startswith("tenant: "):
@@ -80,6 +84,7 @@ def start_mesh(env_overrides: dict[str, str], stderr_path: str, *args: str) -> M
     env.update(
         {
             "CLASSMESH_LISTEN": "127.0.0.1:0",
+            "CLASSMESH_GATEWAY_LISTEN": "127.0.0.1:0",
             "CLASSMESH_LOG_LEVEL": "INFO",
             "CLASSMESH_DB_POOL_SIZE": "6",
         }

@@ -35,8 +35,24 @@ class Config:
 
     #: gRPC listen address of the mesh (all services share it in `classmesh up`).
     listen: str = "127.0.0.1:50051"
-    #: grpc-web gateway listen address (HTTP/1.1).
+    #: grpc-web gateway listen address (HTTP/1.1); empty = `classmesh up` runs no gateway.
     gateway_listen: str = "127.0.0.1:8080"
+    #: Origins allowed to call the gateway cross-origin, comma-separated exact
+    #: `scheme://host[:port]` (empty = only pages the gateway serves itself; `*` = any).
+    gateway_cors_origins: str = ""
+    #: Where `classmesh serve gateway` sends each service, `session=host:port,...`;
+    #: services not named go to `peer_target` (else `listen`).
+    gateway_upstreams: str = ""
+    #: Largest grpc-web request body in bytes (above: HTTP 413, RESOURCE_EXHAUSTED).
+    gateway_max_request_bytes: int = 4_194_304
+    #: Seconds a server stream may go without a message before the gateway ends it
+    #: (UNAVAILABLE; clients resume with after_seq).
+    gateway_stream_idle_seconds: float = 300.0
+    #: Seconds a stream write may wait for a browser that does not read before the gateway
+    #: cuts it (RESOURCE_EXHAUSTED SLOW_CONSUMER).
+    gateway_slow_client_seconds: float = 10.0
+    #: Bytes buffered per stream for a browser before writes wait for it.
+    gateway_stream_buffer_bytes: int = 262_144
     #: Directory for embedded PostgreSQL/Redis data and local object storage.
     data_dir: str = field(default_factory=default_data_dir)
     #: PostgreSQL DSN; unset starts the embedded PostgreSQL under data_dir.
@@ -208,6 +224,10 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         "interaction_sweep_interval_seconds",
         "connect_max_unacked",
         "connect_ack_wait_seconds",
+        "gateway_max_request_bytes",
+        "gateway_stream_idle_seconds",
+        "gateway_slow_client_seconds",
+        "gateway_stream_buffer_bytes",
     ):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"CLASSMESH_{name.upper()} must be positive")
