@@ -412,6 +412,8 @@ class Gateway:
         if length is not None:
             if length > limit:
                 raise _TooLarge
+            if length == 0:
+                return b""
             try:
                 return await content.readexactly(length)
             except asyncio.IncompleteReadError as exc:

@@ -185,7 +185,7 @@ def metadata_from_headers(
             raise FrameError(name, "not a valid gRPC metadata key")
         if key.endswith("-bin"):
             try:
-                out.append((key, base64.b64decode(value + "=" * (-len(value) % 4))))
+                out.append((key, base64.b64decode(value + "=" * (-len(value) % 4), validate=True)))
             except binascii.Error:
                 raise FrameError(name, "binary header is not valid base64") from None
             continue
