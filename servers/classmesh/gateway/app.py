@@ -216,7 +216,7 @@ class Gateway:
         server = web.Server(self._handle, handler_cancellation=True, access_log=None)
         self._runner = web.ServerRunner(server, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, shutdown_timeout=2.0)
+        site = web.TCPSite(self._runner, host, port)
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []
         bound = sockets[0].getsockname() if sockets else (host, port)
