@@ -232,7 +232,7 @@ async def test_a_client_that_goes_away_cancels_the_upstream_call(
         if path == TRICKLE:
             assert b"first" in await asyncio.wait_for(reader.read(4096), 5)
         writer.close()
-        await wait_until(lambda: tag in upstream.cancelled, timeout=10)
+        await wait_until(lambda t=tag: t in upstream.cancelled, timeout=10)
         await wait_until(lambda: gw.stats.streams_open == 0)
     # Still serving.
     async with aiohttp.ClientSession() as http:
