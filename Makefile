@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 BUF := node_modules/.bin/buf
 
-.PHONY: venv system-deps gen gen-files gen-check lint test test-only run bench clean
+.PHONY: venv system-deps gen gen-files gen-check web lint test test-only run bench clean
 
 venv: $(STAMP) $(NPM_STAMP)
 
@@ -27,6 +27,7 @@ SDK_GEN := sdk/python/classmesh_sdk/_generated.py
 gen: venv
 	$(BUF) lint
 	$(MAKE) --no-print-directory gen-files
+	$(MAKE) --no-print-directory web
 
 gen-files:
 	$(BUF) generate
@@ -42,6 +43,11 @@ gen-check: venv
 	  rm -rf "$$tmp"; exit 1; \
 	fi; rm -f gen/sdk_generated.py; rm -rf "$$tmp"; echo "generated code is up to date"
 
+# The web SDK (sdk/web: tsc type check and .d.ts, esbuild bundles) and the classroom page
+# bundle it builds into the gateway's static/app.js (build output, git-ignored).
+web: $(NPM_STAMP)
+	node sdk/web/build.mjs
+
 lint: venv
 	$(BUF) lint
 	$(BIN)/ruff check servers sdk tests bench tools
@@ -54,10 +60,10 @@ system-deps:
 
 test: venv system-deps gen-check lint test-only
 
-test-only: venv system-deps
+test-only: venv system-deps web
 	$(BIN)/pytest -q
 
-run: venv
+run: venv web
 	$(BIN)/classmesh up
 
 bench: venv

@@ -1,0 +1,395 @@
+"""A class joined from real browsers: headless Debian Chromium (Selenium) runs the classroom
+page the gateway serves (sdk/web page on `@classmesh/web`, grpc-web through the gateway of
+`classmesh up`), a teacher drives the class with the Python SDK.
+
+Two students join from their browsers and land in the lobby; the teacher admits them; they
+see the roster, chat both ways, raise a hand, answer a poll and all see its results. Media:
+the teacher publishes aiortc video, a browser subscribes and its <video> element decodes
+frames; the other browser publishes its fake camera and the teacher's aiortc peer decodes
+it. A staff member admits a lobby student from the page. On failure every browser's
+screenshot, console and HTML land in tests/artifacts/<test>/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from aiortc import VideoStreamTrack
+from av import VideoFrame
+
+from classmesh.interaction.v1 import interaction_pb2
+from classmesh.session.v1 import session_pb2
+from classmesh_sdk import MediaSession
+from tests.support.browser import Browser, build_page, require_chromium
+from tests.support.classroom import Feed, Mesh, classroom_mesh, scope, ts, uid
+
+S = session_pb2
+I = interaction_pb2  # noqa: E741
+LOOPBACK = ["127.0.0.1"]
+
+
+class Pattern(VideoStreamTrack):
+    """Synthetic 320x240 video (a moving bar), VP8-encoded by aiortc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    async def recv(self) -> VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = VideoFrame(width=320, height=240, format="yuv420p")
+        x = (self.n * 4) % 280
+        row = bytes(x) + bytes([235]) * 40 + bytes(280 - x)
+        frame.planes[0].update(row * 240)
+        for plane in frame.planes[1:]:
+            plane.update(bytes([128]) * (plane.line_size * plane.height))
+        self.n += 1
+        frame.pts, frame.time_base = pts, time_base
+        return frame
+
+
+@pytest.fixture(scope="module")
+async def mesh(
+    admin_database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Mesh]:
+    require_chromium()
+    await asyncio.to_thread(build_page)
+    async with classroom_mesh(
+        admin_database_url,
+        redis_url,
+        tmp_path_factory,
+        "browser",
+        extra_env={"CLASSMESH_MEDIA_ICE_HOSTS": "127.0.0.1"},
+    ) as m:
+        assert m.proc.gateway.startswith("http://"), m.proc.lines
+        yield m
+
+
+@contextlib.asynccontextmanager
+async def browsers(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[str], Browser]]:
+    """A factory of browsers; all are closed at the end, and on failure each one's
+    screenshot, console and HTML are saved under tests/artifacts/<test>/."""
+    opened: list[Browser] = []
+
+    def open_browser(name: str) -> Browser:
+        b = Browser(name)
+        opened.append(b)
+        return b
+
+    try:
+        yield open_browser
+    except BaseException:
+        for b in opened:
+            out = await asyncio.to_thread(b.save_artifacts, request.node.name)
+        if opened:
+            print(f"browser artifacts saved in {out}")
+        raise
+    finally:
+        for b in opened:
+            await asyncio.to_thread(b.quit)
+
+
+async def lobby_class(mesh: Mesh) -> tuple[str, str, Any]:
+    """A live class with the lobby on; its instructor joined. Returns (id, teacher, client)."""
+    teacher = uid("teacher")
+    inst = mesh.client(teacher, "instructor")
+    start = datetime.now(UTC) + timedelta(minutes=1)
+    created = await inst.sessions.create_session(
+        title=f"Browser class {secrets.token_hex(3)}",
+        instructor_id=teacher,
+        scheduled_start=ts(start),
+        scheduled_end=ts(start + timedelta(hours=2)),
+        settings=S.SessionSettings(lobby_enabled=True, chat_enabled=True, qa_enabled=True),
+    )
+    sid = created.session.id
+    await inst.sessions.start_session(session_id=sid)
+    me = (await inst.sessions.join_session(session_id=sid)).participant
+    assert me.status == S.PARTICIPANT_STATUS_ADMITTED, me
+    return sid, teacher, inst
+
+
+def page_url(mesh: Mesh, user: str, role: str, sid: str, name: str) -> str:
+    token = mesh.token(user, role, name=name)
+    return f"{mesh.proc.gateway}/?{urlencode({'token': token, 'session': sid})}"
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool] | bool], timeout: float = 15.0, what: str = "condition"
+) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        ok = check()
+        if not isinstance(ok, bool):
+            ok = await ok
+        if ok:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s")
+        await asyncio.sleep(0.2)
+
+
+ROSTER = (
+    "return [...document.querySelectorAll('[data-testid=roster-item]')].map(e => e.dataset.userId);"
+)
+STATUS = "return document.getElementById('status').dataset.status;"
+#: A chat message sent with the page's own client; resolves with the decoded outcome.
+CHAT_FROM_PAGE = """
+const done = arguments[arguments.length - 1];
+const cm = window.classmesh;
+cm.client.interaction
+  .sendChatMessage({scope: {sessionId: cm.sessionId}, text: arguments[0], type: 1})
+  .then(() => done({ok: true}),
+        (e) => { const x = window.classmeshErrors.from(e);
+                 done({ok: false, code: x.codeName, reason: x.reason, domain: x.domain}); });
+"""
+FRAMES = """
+const v = document.querySelector('[data-testid=remote-video]');
+if (!v) return null;
+return {frames: v.getVideoPlaybackQuality().totalVideoFrames, presented: +v.dataset.frames,
+        width: v.videoWidth, height: v.videoHeight, user: v.dataset.userId};
+"""
+
+
+@pytest.mark.timeout(300)
+async def test_two_browser_students_lobby_chat_poll_and_media(
+    mesh: Mesh, request: pytest.FixtureRequest
+) -> None:
+    sid, teacher, inst = await lobby_class(mesh)
+    feed = Feed(inst, sid)
+    ada, bob = uid("ada"), uid("bob")
+    teacher_media: MediaSession | None = None
+    try:
+        async with browsers(request) as open_browser:
+            a, b = open_browser("ada"), open_browser("bob")
+            # --- both join from the page (?token=&session=) and wait in the lobby
+            await asyncio.gather(
+                a.open(page_url(mesh, ada, "student", sid, "Ada")),
+                b.open(page_url(mesh, bob, "student", sid, "Bob")),
+            )
+            for br in (a, b):
+                await br.wait(STATUS, lambda s: s == "lobby", what="lobby status")
+                assert await br.js("return !document.getElementById('lobby-wait').hidden")
+                assert await br.js("return document.getElementById('classroom').hidden")
+            lobby = await inst.sessions.list_participants(
+                session_id=sid, statuses=[S.PARTICIPANT_STATUS_LOBBY]
+            )
+            assert {p.user_id for p in lobby.participants} == {ada, bob}
+            # From the lobby the API refuses to chat: the error's google.rpc details reach
+            # the browser through grpc-web and the SDK decodes them.
+            refused = await a.js_async(CHAT_FROM_PAGE, "let me in")
+            assert refused == {
+                "ok": False,
+                "code": "PermissionDenied",
+                "reason": "NOT_ADMITTED",
+                "domain": "classmesh.dev",
+            }, refused
+            # --- the teacher admits them; the page switches to the classroom
+            admitted = await inst.sessions.admit_participants(session_id=sid, user_ids=[ada, bob])
+            assert {p.user_id for p in admitted.admitted} == {ada, bob}
+            for br in (a, b):
+                await br.wait(STATUS, lambda s: s == "admitted", what="admitted status")
+                roster = await br.wait(
+                    ROSTER, lambda r: set(r) >= {teacher, ada, bob}, what="full roster"
+                )
+                assert len(roster) == 3, roster
+            roles = sorted(await a.attrs("roster-item", "data-role"))
+            assert roles == ["instructor", "student", "student"], roles
+            # Students see no lobby panel.
+            assert await a.js("return document.getElementById('lobby').hidden")
+
+            # --- chat both ways
+            await a.type("chat-input", "hello from Ada's browser")
+            await a.click("chat-send")
+            posted = await feed.wait_for(
+                lambda e: (
+                    e.WhichOneof("payload") == "chat_message_posted"
+                    and e.chat_message_posted.message.sender.user_id == ada
+                ),
+                what="Ada's chat message on the teacher's feed",
+            )
+            assert posted.chat_message_posted.message.text == "hello from Ada's browser"
+            await inst.interaction.send_chat_message(
+                scope=scope(sid), text="welcome, class", type=I.CHAT_MESSAGE_TYPE_TEXT
+            )
+            for br in (a, b):
+                texts = await br.wait(
+                    "return [...document.querySelectorAll('[data-testid=chat-text]')]"
+                    ".map(e => e.textContent);",
+                    lambda t: "welcome, class" in t and "hello from Ada's browser" in t,
+                    what="both chat messages",
+                )
+                assert texts.index("hello from Ada's browser") < texts.index("welcome, class")
+            senders = await b.attrs("chat-message", "data-sender")
+            assert senders[:2] == [ada, teacher], senders
+
+            # --- raise hand
+            await b.click("raise-hand")
+            raised = await feed.wait_for(
+                lambda e: e.WhichOneof("payload") == "hand_raised",
+                what="Bob's raised hand on the teacher's feed",
+            )
+            assert raised.hand_raised.hand_raise.raiser.user_id == bob
+            await b.wait(
+                "return document.getElementById('hand-state').dataset.state;",
+                lambda s: s == "raised",
+                what="Bob's hand state",
+            )
+            await a.wait(
+                "return document.querySelector(`[data-testid=roster-item]"
+                "[data-user-id='${arguments[0]}']`).dataset.hand;",
+                lambda s: s == "raised",
+                what="Bob's hand in Ada's roster",
+                args=(bob,),
+            )
+
+            # --- a poll: both answer, everyone sees the results
+            poll = (
+                await inst.interaction.create_poll(
+                    scope=scope(sid),
+                    question="Ready for the quiz?",
+                    options=["Yes", "No", "Maybe"],
+                    kind=I.POLL_KIND_SINGLE_CHOICE,
+                    show_results_live=True,
+                )
+            ).poll
+            for br, choice in ((a, 0), (b, 2)):
+                await br.wait(
+                    "return document.querySelectorAll('[data-testid=poll-option]').length;",
+                    lambda n: n == 3,
+                    what="the poll's options",
+                )
+                assert await br.texts("poll-question") == ["Ready for the quiz?"]
+                await br.click("poll-option", index=str(choice))
+            expected = ["1", "0", "1"]
+            for br in (a, b):
+                await br.wait(
+                    "return document.querySelector('[data-testid=poll-respondents]')"
+                    ".dataset.count;",
+                    lambda c: c == "2",
+                    what="2 poll respondents",
+                )
+                counts = await br.wait(
+                    "return [...document.querySelectorAll('[data-testid=poll-result]')]"
+                    ".map(e => e.textContent.trim());",
+                    lambda c: c == expected,
+                    what=f"poll counts {expected}",
+                )
+                assert counts == expected
+            results = await inst.interaction.get_poll_results(session_id=sid, poll_id=poll.id)
+            assert [o.count for o in results.results.options] == [1, 0, 1]
+            assert results.results.respondent_count == 2
+
+            # --- media: the teacher's aiortc video decoded in Ada's browser
+            teacher_media = MediaSession(inst, sid, ice_hosts=LOOPBACK)
+            await teacher_media.start()
+            (video_track,) = await teacher_media.publish(Pattern())
+            await a.click("watch-media")
+            seen = await a.wait(
+                FRAMES,
+                lambda v: bool(v) and v["frames"] > 0 and v["presented"] > 0,
+                timeout=30,
+                what="decoded frames of the teacher's video",
+            )
+            assert (seen["width"], seen["height"]) == (320, 240), seen
+            assert seen["user"] == teacher, seen
+            before = seen["frames"]
+            await a.wait(
+                FRAMES,
+                lambda v: v["frames"] > before + 10,
+                timeout=15,
+                what="the teacher's video still playing",
+            )
+
+            # --- media: Bob's fake camera decoded by the teacher's aiortc peer
+            await b.click("publish-camera")
+            await b.wait(
+                "return document.getElementById('publish-state').dataset.tracks || '';",
+                lambda t: len(t.split(",")) == 2,
+                timeout=20,
+                what="Bob's camera and microphone published",
+            )
+
+            def bob_video() -> Any:
+                return next(
+                    (
+                        t
+                        for t in teacher_media.tracks.values()
+                        if t.user_id == bob and t.kind == 2  # TRACK_KIND_VIDEO
+                    ),
+                    None,
+                )
+
+            await eventually(
+                lambda: bob_video() is not None, what="Bob's video track announced to the teacher"
+            )
+            bob_track = bob_video()
+            assert bob_track is not None
+            await teacher_media.subscribe([bob_track.id])
+            remote = await teacher_media.next_remote_track(timeout=15)
+            assert remote.kind == "video"
+            frame = await asyncio.wait_for(remote.recv(), 20)
+            assert isinstance(frame, VideoFrame)
+            assert frame.width > 0 and frame.height > 0
+            for _ in range(5):
+                frame = await asyncio.wait_for(remote.recv(), 5)
+            # Chromium's fake camera is 640x480; under CPU load its encoder may scale down,
+            # never changing the aspect ratio.
+            assert frame.width * 3 == frame.height * 4, (frame.width, frame.height)
+            assert 160 <= frame.width <= 640, (frame.width, frame.height)
+            assert video_track.user_id == teacher
+
+            # Nothing on the pages failed.
+            for br in (a, b):
+                assert await br.js("return document.getElementById('error').hidden"), (
+                    await br.texts("error")
+                )
+    finally:
+        if teacher_media is not None:
+            await teacher_media.close()
+        await feed.stop()
+
+
+@pytest.mark.timeout(180)
+async def test_staff_admits_from_the_page(mesh: Mesh, request: pytest.FixtureRequest) -> None:
+    sid, teacher, inst = await lobby_class(mesh)
+    assistant = uid("assistant")
+    student = uid("student")
+    sc = mesh.client(student, "student")
+    async with browsers(request) as open_browser:
+        staff = open_browser("assistant")
+        await staff.open(page_url(mesh, assistant, "assistant", sid, "Assistant"))
+        await staff.wait(STATUS, lambda s: s == "admitted", what="assistant admitted at once")
+        assert not await staff.js("return document.getElementById('lobby').hidden")
+        joined = await sc.sessions.join_session(session_id=sid)
+        assert joined.participant.status == S.PARTICIPANT_STATUS_LOBBY
+        await staff.wait(
+            "return [...document.querySelectorAll('[data-testid=lobby-item]')]"
+            ".map(e => e.dataset.userId);",
+            lambda ids: ids == [student],
+            what="the student in the lobby panel",
+        )
+        await staff.click("admit-button", user_id=student)
+        await eventually(
+            lambda: _status_is(sc, sid, S.PARTICIPANT_STATUS_ADMITTED),
+            what="the student admitted",
+        )
+        await staff.wait(ROSTER, lambda r: student in r, what="the student in the roster")
+        assert await staff.js("return document.getElementById('lobby-count').textContent") == "0"
+        assert set(await staff.attrs("roster-item", "data-user-id")) == {
+            teacher,
+            assistant,
+            student,
+        }
+
+
+async def _status_is(client: Any, sid: str, status: int) -> bool:
+    p = await client.sessions.get_participant(session_id=sid)
+    return bool(p.participant.status == status)
