@@ -68,6 +68,7 @@ run: venv web
 
 bench: venv
 	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	@echo "== bench/sfu.py --quick"; $(BIN)/python bench/sfu.py --quick
 
 clean:
 	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache
