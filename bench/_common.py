@@ -1,7 +1,8 @@
 """Shared helpers of the benchmarks: throwaway database, `classmesh up` subprocess, output.
 
-Not a benchmark itself (`make bench` runs `bench/bench_*.py` and `bench/sfu.py --quick`). Every benchmark
-measures ClassMesh and the machine's raw limit in the same run and prints their ratio:
+Not a benchmark itself (`make bench` runs `bench/bench_*.py` and `bench/sfu.py --quick`).
+Every benchmark measures ClassMesh and the machine's raw limit in the same run and prints
+their ratio:
 absolute figures drift between runs and machines, ratios much less (FINDINGS.md).
 """
 
