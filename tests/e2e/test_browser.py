@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,8 +29,9 @@ from av import VideoFrame
 from classmesh.interaction.v1 import interaction_pb2
 from classmesh.session.v1 import session_pb2
 from classmesh_sdk import MediaSession
+from tests.conftest import ROOT
 from tests.support.browser import Browser, build_page, require_chromium
-from tests.support.classroom import Feed, Mesh, classroom_mesh, scope, ts, uid
+from tests.support.classroom import Feed, Mesh, classroom_mesh, live_class, scope, ts, uid
 
 S = session_pb2
 I = interaction_pb2  # noqa: E741
@@ -393,3 +396,34 @@ async def test_staff_admits_from_the_page(mesh: Mesh, request: pytest.FixtureReq
 async def _status_is(client: Any, sid: str, status: int) -> bool:
     p = await client.sessions.get_participant(session_id=sid)
     return bool(p.participant.status == status)
+
+
+@pytest.mark.timeout(180)
+async def test_web_sdk_in_node(mesh: Mesh) -> None:
+    """sdk/web/test/*.test.mjs: the built @classmesh/web package against this gateway (typed
+    clients, bearer auth, request ids, error details, feeds resumed after a cut)."""
+    node = shutil.which("node")
+    assert node, "Node.js is required (README: make test needs Node.js)"
+    klass = await live_class(mesh)
+    env = {
+        **os.environ,
+        "CLASSMESH_GATEWAY_URL": mesh.proc.gateway,
+        "CLASSMESH_TEACHER_TOKEN": mesh.token(klass.teacher, "instructor"),
+        "CLASSMESH_STUDENT_TOKEN": mesh.token(uid("student"), "student"),
+        "CLASSMESH_SESSION_ID": klass.id,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        node,
+        "--test",
+        "--test-reporter=spec",
+        "sdk/web/test/",
+        cwd=str(ROOT),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 150)
+    report = out.decode(errors="replace")
+    assert proc.returncode == 0, report
+    assert "# fail 0" in report or "ℹ fail 0" in report, report
+    assert "ℹ pass 8" in report or "# pass 8" in report, report
