@@ -15,9 +15,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiortc import AudioStreamTrack, VideoStreamTrack
+from aiortc import AudioStreamTrack
 from aiortc.mediastreams import MediaStreamError
-from av import VideoFrame
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 
 from classmesh_sdk import (
@@ -37,30 +36,11 @@ from tests.support.classroom import (
     open_breakout_room,
     uid,
 )
+from tests.support.media import LOOPBACK, Pattern, publisher, subscriber, video_frame
+from tests.support.media import remote as remote_tracks
 
-LOOPBACK = ["127.0.0.1"]
 TURN_SECRET = "coturn-static-auth-secret"
 TURN_URLS = "stun:turn.test:3478,turn:turn.test:3478?transport=udp"
-
-
-class Pattern(VideoStreamTrack):
-    """Synthetic 640x360 video (a moving bar), encoded by aiortc's VP8 encoder."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    async def recv(self) -> VideoFrame:
-        pts, time_base = await self.next_timestamp()
-        frame = VideoFrame(width=640, height=360, format="yuv420p")
-        x = (self.n * 8) % 600
-        row = bytes(x) + bytes([235]) * 40 + bytes(600 - x)
-        frame.planes[0].update(row * 360)
-        for plane in frame.planes[1:]:
-            plane.update(bytes([128]) * (plane.line_size * plane.height))
-        self.n += 1
-        frame.pts, frame.time_base = pts, time_base
-        return frame
 
 
 @pytest.fixture(scope="module")
@@ -82,35 +62,14 @@ async def mesh(
         yield m
 
 
-async def _remote(media: MediaSession, count: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for _ in range(count):
-        track = await media.next_remote_track(timeout=10)
-        out[track.kind] = track
-    return out
-
-
-async def _video_frame(track: Any, timeout: float) -> VideoFrame:
-    frame = await asyncio.wait_for(track.recv(), timeout)
-    assert isinstance(frame, VideoFrame)
-    return frame
-
-
 async def _publisher(mesh: Mesh, klass: Any) -> tuple[MediaSession, list[Any]]:
-    pub = MediaSession(klass.inst, klass.id, ice_hosts=LOOPBACK)
-    await pub.start()
-    tracks = await pub.publish(Pattern(), AudioStreamTrack())
-    return pub, tracks
+    return await publisher(klass.inst, klass.id)
 
 
 async def _subscriber(
     client: Any, sid: str, audio_only: bool = False
 ) -> tuple[MediaSession, dict[str, Any]]:
-    sub = MediaSession(client, sid, ice_hosts=LOOPBACK)
-    await sub.start()
-    tracks = await sub.wait_tracks(2)
-    await sub.subscribe([t.id for t in tracks], audio_only=audio_only)
-    return sub, await _remote(sub, 2)
+    return await subscriber(client, sid, audio_only)
 
 
 async def test_three_subscribers_decode_and_late_joiner_gets_keyframe(mesh: Mesh) -> None:
@@ -126,7 +85,7 @@ async def test_three_subscribers_decode_and_late_joiner_gets_keyframe(mesh: Mesh
             subs.append(sub)
             remotes.append(remote)
         for remote in remotes:
-            frame = await _video_frame(remote["video"], 5)
+            frame = await video_frame(remote["video"], 5)
             assert (frame.width, frame.height) == (640, 360)
             audio = await asyncio.wait_for(remote["audio"].recv(), 5)
             assert audio.sample_rate == 48000 and audio.samples > 0
@@ -137,7 +96,7 @@ async def test_three_subscribers_decode_and_late_joiner_gets_keyframe(mesh: Mesh
         late, remote = await _subscriber(klass.students[users[3]], klass.id)
         subs.append(late)
         t0 = time.monotonic()
-        frame = await _video_frame(remote["video"], 2.5)
+        frame = await video_frame(remote["video"], 2.5)
         assert (frame.width, frame.height) == (640, 360)
         assert time.monotonic() - t0 < 2.5
         # The log got the track events.
@@ -168,7 +127,7 @@ async def test_audio_only_consumer_and_moderator_mute(mesh: Mesh) -> None:
         subs.append(audio_only)
         normal, remote = await _subscriber(klass.students[b], klass.id)
         subs.append(normal)
-        await _video_frame(remote["video"], 5)
+        await video_frame(remote["video"], 5)
         await asyncio.wait_for(remote_ao["audio"].recv(), 5)
         await _no_video(remote_ao["video"], 2)
         # An admin (moderator) mutes the publisher's camera.
@@ -201,7 +160,7 @@ async def test_removed_participant_peer_closes_within_1s(mesh: Mesh) -> None:
     pub, _ = await _publisher(mesh, klass)
     sub, remote = await _subscriber(klass.students[user], klass.id)
     try:
-        await _video_frame(remote["video"], 5)
+        await video_frame(remote["video"], 5)
         await klass.inst.sessions.remove_participant(session_id=klass.id, user_id=user)
         # The issue's bound: the removed participant's peer is closed within 1 s.
         await asyncio.wait_for(sub.ended.wait(), 1.0)
@@ -297,7 +256,7 @@ async def test_routers_tracks_capabilities_stats_and_turn(mesh: Mesh) -> None:
     pub, published = await _publisher(mesh, klass)
     sub, remote = await _subscriber(klass.students[a], klass.id)
     try:
-        await _video_frame(remote["video"], 5)
+        await video_frame(remote["video"], 5)
         await asyncio.wait_for(remote["audio"].recv(), 5)
         inst = klass.inst.media
         # ListRouters: the one main-room router with its live counts.
@@ -380,7 +339,7 @@ async def test_routers_tracks_capabilities_stats_and_turn(mesh: Mesh) -> None:
 
 async def _frames_flow(track: Any, count: int = 5, timeout: float = 5) -> None:
     for _ in range(count):
-        await _video_frame(track, timeout)
+        await video_frame(track, timeout)
 
 
 async def _stops(track: Any) -> None:
@@ -411,7 +370,7 @@ async def test_breakout_isolation(mesh: Mesh) -> None:
         with pytest.raises(RuntimeError, match="TRACK_NOT_FOUND"):
             await sub.subscribe([in_b[0].id])
         await sub.subscribe([t.id for t in tracks])
-        remote = await _remote(sub, 2)
+        remote = await remote_tracks(sub, 2)
         await _frames_flow(remote["video"])
         await asyncio.sleep(1)
         # Nothing of room B ever reached the room A subscriber.
@@ -450,8 +409,8 @@ async def test_move_main_breakout_main(mesh: Mesh) -> None:
         tracks = await sub.wait_tracks(2)
         assert {t.id for t in tracks} == {t.id for t in room_tracks}
         await sub.subscribe([t.id for t in tracks])
-        new_remote = await _remote(sub, 2)
-        await _video_frame(new_remote["video"], 3)
+        new_remote = await remote_tracks(sub, 2)
+        await video_frame(new_remote["video"], 3)
         to_room = time.monotonic() - t0
         assert to_room < 3.0, f"move took {to_room:.2f} s"
         await _stops(remote["video"])
@@ -467,7 +426,7 @@ async def test_move_main_breakout_main(mesh: Mesh) -> None:
         tracks = await sub.wait_tracks(2)
         assert {t.id for t in tracks} == {t.id for t in main_tracks}
         await sub.subscribe([t.id for t in tracks])
-        back = await _remote(sub, 2)
+        back = await remote_tracks(sub, 2)
         await _frames_flow(back["video"])
         await _stops(new_remote["video"])
         # A publisher moves too: its tracks are re-published in the new room (new ids).
@@ -479,7 +438,7 @@ async def test_move_main_breakout_main(mesh: Mesh) -> None:
         assert not (await inst.list_tracks(session_id=klass.id, breakout_room_id=room)).tracks
         await sub.wait_tracks(4)
         await sub.subscribe(moved_ids)
-        from_b = await _remote(sub, 2)
+        from_b = await remote_tracks(sub, 2)
         await _frames_flow(from_b["video"])
         await sub.close()
     finally:

@@ -101,10 +101,10 @@ async def test_media_router_creation_is_guarded(monkeypatch: pytest.MonkeyPatch)
     clock = Clock()
     svc.breaker.clock = clock
 
-    def broken(**_: object) -> object:
+    async def broken(router_id: str) -> str:
         raise OSError("no ports left")
 
-    monkeypatch.setattr(media_service, "AiortcRouter", broken)
+    monkeypatch.setattr(svc.aiortc, "open_router", broken)
     for _ in range(5):
         with pytest.raises(OSError):
             await svc.create_router(_principal(), SESSION, "", check_session=False)
@@ -112,3 +112,4 @@ async def test_media_router_creation_is_guarded(monkeypatch: pytest.MonkeyPatch)
         await svc.create_router(_principal(), SESSION, "", check_session=False)
     assert err.value.reason == "MEDIA_UNAVAILABLE" and err.value.retry_after == 30
     assert not svc.open
+    await svc.close_all()  # stops the media worker the back-end started

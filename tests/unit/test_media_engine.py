@@ -46,7 +46,7 @@ def test_tap_hands_frames_on_and_never_decodes() -> None:
 
 async def test_forwarding_hands_av_packets_and_gates_on_keyframes() -> None:
     router = AiortcRouter(queue_size=4)
-    producer = Producer("p", "video", "u", "pid", "c", "video/VP8")
+    producer = Producer("p", "video", "peer", "c", "video/VP8")
     router.add_producer(producer)
     consumer = router.consume("p", "v")
     producer.on_frame(b"\x01delta", 100, 1)  # delta frame: dropped until a keyframe

@@ -1,5 +1,11 @@
 """`MediaSession`: an aiortc peer driven over `MediaService.Signal` (bots, tests, benchmarks).
 
+It follows the server by itself: `RouterMoved` (a breakout move) replaces the subscriber
+connection (and the publisher one when the server says `republish`); `MediaRestarted` (the
+server's media worker died and the router was re-created) replaces both, publishes the same
+local tracks again and re-subscribes to the same track ids. New remote tracks then arrive on
+`next_remote_track()` as usual.
+
     async with MediaSession(client, session_id) as media:
         tracks = await media.publish(video_track, audio_track)      # our Track protos
         await media.subscribe([t.id for t in await media.wait_tracks(2)])
@@ -77,6 +83,12 @@ class MediaSession:
         #: Moves to another room (RouterMoved) so far, and the current router id if known.
         self.moves = 0
         self.router_id = ""
+        #: Renegotiations after the server's media worker failed (MediaRestarted), completed.
+        self.restarts = 0
+        #: Local tracks published, and subscriptions (track id -> audio_only), to redo them.
+        self._local: list[Any] = []
+        self._subscribed: dict[str, bool] = {}
+        self._renegotiating: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         #: Signal ids unique to this session: the stream replays the peer's buffer, which may
         #: hold replies to earlier calls (SendSignal, an earlier MediaSession) of the same user.
@@ -146,8 +158,11 @@ class MediaSession:
             self.tracks[signal.track_published.id] = signal.track_published
         elif kind == "track_unpublished":
             self.tracks.pop(signal.track_unpublished.id, None)
+            self._subscribed.pop(signal.track_unpublished.id, None)
         elif kind == "router_moved":
             await self._moved(signal.router_moved)
+        elif kind == "media_restarted":
+            self._renegotiate(publisher=True, subscriber=True)
         fut = self._replies.pop(signal.signal_id, None) if signal.signal_id else None
         if fut is not None and not fut.done():
             fut.set_result(signal)
@@ -160,11 +175,60 @@ class MediaSession:
         self.breakout_room_id = moved.breakout_room_id
         self.router_id = moved.to_router_id
         self.tracks.clear()
+        self._subscribed.clear()
+        await self._new_subscriber()
+        if moved.republish:  # the server could not keep our publisher connection
+            self._renegotiate(publisher=True, subscriber=False)
+        self.moves += 1
+
+    async def _new_subscriber(self) -> None:
         old = self.sub_pc
         self.sub_pc = self._aiortc.RTCPeerConnection(self._aiortc.RTCConfiguration(iceServers=[]))
         self.sub_pc.on("track", self.remote_tracks.put_nowait)
         await old.close()
-        self.moves += 1
+
+    def _renegotiate(self, *, publisher: bool, subscriber: bool) -> None:
+        """Redo our connections in the background (the reader must keep reading replies)."""
+        previous = self._renegotiating
+
+        async def run() -> None:
+            if previous is not None:
+                with contextlib.suppress(Exception):
+                    await previous
+            if subscriber:
+                await self._new_subscriber()
+            if publisher and self._local:
+                old = self.pub_pc
+                self.pub_pc = self._aiortc.RTCPeerConnection(
+                    self._aiortc.RTCConfiguration(iceServers=[])
+                )
+                # aiortc stops a sender's track when its connection closes: detach ours
+                # first, they go on in the new connection.
+                for sender in old.getSenders():
+                    sender.replaceTrack(None)
+                await old.close()
+                for track in self._local:
+                    self.pub_pc.addTrack(track)
+                await self._offer()
+            if subscriber and self._subscribed:
+                for audio_only in (False, True):
+                    ids = [t for t, a in self._subscribed.items() if a is audio_only]
+                    if ids:
+                        await self.request(
+                            subscribe=M.SubscribeTracks(track_ids=ids, audio_only=audio_only)
+                        )
+            if publisher and subscriber:
+                self.restarts += 1
+            self._changed.set()
+
+        self._renegotiating = asyncio.get_running_loop().create_task(run())
+
+    async def wait_restarted(self, count: int = 1, timeout: float = 15.0) -> None:
+        """Wait until `count` server media restarts have been renegotiated in all."""
+        async with asyncio.timeout(timeout):
+            while self.restarts < count:
+                self._changed.clear()
+                await self._changed.wait()
 
     async def wait_moved(self, count: int = 1, timeout: float = 10.0) -> None:
         """Wait until this session has been moved `count` times in all."""
@@ -198,6 +262,11 @@ class MediaSession:
             )
             published.append(reply.publish_accepted.track)
             self.pub_pc.addTrack(track)
+            self._local.append(track)
+        await self._offer()
+        return published
+
+    async def _offer(self) -> None:
         offer = await self.pub_pc.createOffer()
         await self.pub_pc.setLocalDescription(offer)
         reply = await self.request(
@@ -210,7 +279,6 @@ class MediaSession:
         await self.pub_pc.setRemoteDescription(
             self._aiortc.RTCSessionDescription(sdp=reply.answer.sdp, type="answer")
         )
-        return published
 
     async def wait_tracks(self, count: int, timeout: float = 10.0) -> list[M.Track]:
         """Wait until at least `count` tracks of others are announced."""
@@ -223,6 +291,8 @@ class MediaSession:
     async def subscribe(self, track_ids: Sequence[str], *, audio_only: bool = False) -> None:
         """Subscribe; the server's offer is answered by this session automatically."""
         await self.request(subscribe=M.SubscribeTracks(track_ids=track_ids, audio_only=audio_only))
+        for track_id in track_ids:
+            self._subscribed[track_id] = audio_only
 
     async def next_remote_track(self, timeout: float = 10.0) -> Any:
         return await asyncio.wait_for(self.remote_tracks.get(), timeout)
@@ -232,6 +302,10 @@ class MediaSession:
             await self.request(leave=M.LeaveMedia(reason="bye"), timeout=5)
 
     async def close(self) -> None:
+        if self._renegotiating is not None:
+            self._renegotiating.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._renegotiating
         if self._call is not None and not self.ended.is_set():
             await self.leave()
             self._call.cancel()

@@ -102,6 +102,11 @@ class Config:
     media_ice_hosts: str = ""
     #: Encoded frames queued per media consumer; a full video queue drops to the next keyframe.
     media_consumer_queue_size: int = 64
+    #: aiortc media worker processes forwarding media (0 = one per core minus one, at least 1).
+    media_workers: int = 0
+    #: Participants in a router above which video is paused for everyone (audio only,
+    #: seed 003 graceful degradation); 0 = never.
+    media_audio_only_above: int = 0
     #: Forwarding back-end of new routers: "aiortc" (media workers) or "janus" (a Janus
     #: videoroom per router, driven over Janus's HTTP API).
     media_backend: str = "aiortc"
@@ -231,6 +236,9 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     ):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"CLASSMESH_{name.upper()} must be positive")
+    for name in ("media_workers", "media_audio_only_above"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"CLASSMESH_{name.upper()} must be 0 or more")
     if cfg.heartbeat_timeout_seconds <= cfg.heartbeat_interval_seconds:
         raise ConfigError(
             "CLASSMESH_HEARTBEAT_TIMEOUT_SECONDS must exceed CLASSMESH_HEARTBEAT_INTERVAL_SECONDS"

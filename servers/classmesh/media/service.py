@@ -1,16 +1,27 @@
 """Rules of MediaService: routers per room, participants' peers, signaling, moderation.
 
-State lives in this process (routers, peers, producers, consumers are live objects): this
-slice runs forwarding in the signaling process (no media workers yet). A participant's
-`Peer` in a router holds two aiortc peer connections (publisher: the client offers;
-subscriber: the server offers) and a signal buffer: every ServerSignal for the participant
-(replies included, correlated by signal_id) gets the next `seq` and is kept for 60 s / the
-last 1000, so `Signal` (bidi) = `SendSignal` + `ReceiveSignals(after_seq)`.
+Forwarding runs in a back-end (engine/backend.py `MediaBackend`): the aiortc back-end's
+media worker processes (engine/aiortc_backend.py, engine/worker.py) or Janus
+(media/janus/). This process keeps what is not forwarding: who may signal, routers and
+their placement, track records and their events, each participant's signal buffer, the
+session watcher, room-size rules and the circuit breaker around router creation.
+
+A participant's `Peer` in a router has a back-end peer id (a fresh UUID: a replaced peer
+never shares it) and a signal buffer: every ServerSignal for the participant (replies
+included, correlated by signal_id) gets the next `seq` and is kept for 60 s / the last 1000,
+so `Signal` (bidi) = `SendSignal` + `ReceiveSignals(after_seq)`. Back-end events (the
+subscriber offer, trickled candidates, a router re-created after a worker died) arrive in
+`on_event` and become signals.
 
 Per session one watcher follows the session's event feed: participant_removed/left closes
 that user's peers at once (well within 1 s), session_ended/cancelled closes the routers,
 participant_muted/unmuted stops/restarts forwarding of that user's producers (moderator
 mute: the publisher keeps sending, the server forwards nothing).
+
+Room size (seed 003 graceful degradation): with CLASSMESH_MEDIA_AUDIO_ONLY_ABOVE = N > 0, a
+router with more than N participants forwards no video to anyone (every video consumer is
+put in audio-only mode, `ConsumerPaused` reason ROOM_SIZE); at N or fewer video resumes
+(`ConsumerResumed`, the consumer waits for a keyframe it asks for).
 """
 
 from __future__ import annotations
@@ -26,10 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from aiortc import RTCRtpTransceiver, RTCSessionDescription
 from aiortc.codecs import CODECS, HEADER_EXTENSIONS
-from aiortc.rtcrtpsender import RTCRtpSender
-from aiortc.sdp import candidate_from_sdp
 
 from classmesh.common.v1 import common_pb2
 from classmesh.core.auth import Principal, require
@@ -42,6 +50,7 @@ from classmesh.core.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
     Unimplemented,
     Validator,
     to_rpc_status,
@@ -59,7 +68,18 @@ from classmesh.core.sessionguard import (
 from classmesh.core.timeutil import to_timestamp
 from classmesh.core.turn import mint_ice_servers
 from classmesh.media import store
-from classmesh.media.engine.router import AiortcRouter, Consumer, Producer
+from classmesh.media.engine.aiortc_backend import AiortcBackend
+from classmesh.media.engine.backend import (
+    BackendEvent,
+    LayerSpec,
+    LocalCandidate,
+    MediaBackend,
+    PeerClosed,
+    ProducerSpec,
+    RouterRestarted,
+    SubscriberOffer,
+    Target,
+)
 from classmesh.media.v1 import media_pb2
 
 __all__ = ["MediaService", "Peer", "RouterEntry"]
@@ -86,7 +106,23 @@ _KIND = {M.TRACK_KIND_AUDIO: "audio", M.TRACK_KIND_VIDEO: "video"}
 _KIND_ENUM = {"audio": M.TRACK_KIND_AUDIO, "video": M.TRACK_KIND_VIDEO}
 #: TURN credential lifetimes a caller may ask for (s).
 TURN_TTL_MIN, TURN_TTL_MAX = 60, 86400
-_MIME = {"audio": "audio/opus", "video": "video/VP8"}
+#: Codecs each back-end forwards, per kind, the default first (passthrough never
+#: transcodes: a subscriber gets the publisher's codec).
+CODECS_BY_BACKEND: dict[str, dict[str, tuple[str, ...]]] = {
+    "aiortc": {"audio": ("audio/opus",), "video": ("video/VP8",)},
+    "janus": {"audio": ("audio/opus",), "video": ("video/VP8",)},
+}
+_BACKEND_ENUM = {"aiortc": M.MEDIA_BACKEND_AIORTC, "janus": M.MEDIA_BACKEND_JANUS}
+_BACKEND_NAME = {M.MEDIA_BACKEND_AIORTC: "aiortc", M.MEDIA_BACKEND_JANUS: "janus"}
+_TARGET: dict[int, Target] = {
+    M.PEER_CONNECTION_TARGET_UNSPECIFIED: "publisher",
+    M.PEER_CONNECTION_TARGET_PUBLISHER: "publisher",
+    M.PEER_CONNECTION_TARGET_SUBSCRIBER: "subscriber",
+}
+_TARGET_ENUM = {
+    "publisher": M.PEER_CONNECTION_TARGET_PUBLISHER,
+    "subscriber": M.PEER_CONNECTION_TARGET_SUBSCRIBER,
+}
 
 
 def _now() -> datetime:
@@ -94,8 +130,47 @@ def _now() -> datetime:
 
 
 @dataclass
+class ProducerState:
+    """A published track as this process records it (the back-end forwards it)."""
+
+    id: str
+    kind: str
+    user_id: str
+    participant_id: str
+    client_track_id: str
+    mime_type: str
+    muted: bool = False
+    paused: bool = False
+    moderator_muted: bool = False
+    layers: tuple[LayerSpec, ...] = ()
+
+    def spec(self, producer_id: str | None = None) -> ProducerSpec:
+        return ProducerSpec(
+            producer_id=producer_id or self.id,
+            kind="audio" if self.kind == "audio" else "video",
+            mime_type=self.mime_type,
+            client_track_id=self.client_track_id,
+            paused=self.paused or self.muted,
+            moderator_muted=self.moderator_muted,
+            layers=self.layers,
+        )
+
+
+@dataclass
+class ConsumerState:
+    """One subscription of a peer: what the subscriber asked for."""
+
+    producer_id: str
+    kind: str
+    paused: bool = False
+    audio_only: bool = False
+
+
+@dataclass
 class RouterEntry:
-    engine: AiortcRouter
+    id: str
+    backend: MediaBackend
+    node_id: str
     tenant_id: str
     session_id: str
     breakout_room_id: str
@@ -103,29 +178,36 @@ class RouterEntry:
     close_time: datetime | None = None
     peers: dict[str, Peer] = field(default_factory=dict)  # user id -> peer
     tracks: dict[str, M.Track] = field(default_factory=dict)  # producer id -> track
+    producers: dict[str, ProducerState] = field(default_factory=dict)
+    #: Video paused for everyone because the room is larger than the configured size.
+    audio_only_forced: bool = False
 
     def proto(self) -> M.Router:
         router = M.Router(
-            id=self.engine.id,
+            id=self.id,
             session_id=self.session_id,
             breakout_room_id=self.breakout_room_id,
-            backend=M.MEDIA_BACKEND_AIORTC,
-            node_id="local",
+            backend=_BACKEND_ENUM[self.backend.name],
+            node_id=self.node_id or "none",
             status=M.ROUTER_STATUS_CLOSED if self.close_time else M.ROUTER_STATUS_OPEN,
             participant_count=len(self.peers),
-            producer_count=len(self.engine.producers),
-            consumer_count=sum(len(p.consumers) for p in self.engine.producers.values()),
+            producer_count=len(self.producers),
+            consumer_count=sum(len(p.consumers) for p in self.peers.values()),
         )
         router.create_time.CopyFrom(to_timestamp(self.create_time))
         if self.close_time:
             router.close_time.CopyFrom(to_timestamp(self.close_time))
         return router
 
+    def peer_by_id(self, peer_id: str) -> Peer | None:
+        return next((p for p in self.peers.values() if p.id == peer_id), None)
+
 
 class Peer:
-    """One participant in one router: two peer connections and a signal buffer."""
+    """One participant in one router: its back-end peer id, records and signal buffer."""
 
     def __init__(self, router: RouterEntry, me: ParticipantRef) -> None:
+        self.id = str(uuid.uuid4())
         self.router = router
         self.user_id = me.user_id
         self.participant_id = me.id
@@ -134,17 +216,8 @@ class Peer:
         self.changed = asyncio.Condition()
         self.closed = False
         self.close_error: ClassMeshError | None = None
-        self.pub_pc = router.engine.new_peer_connection()
-        self.sub_pc = router.engine.new_peer_connection()
-        self.producers: dict[str, Producer] = {}
-        self.consumers: dict[str, Consumer] = {}  # producer id -> consumer
-        self.pending: list[Producer] = []  # published, receiver not attached yet
-        self.sub_offer_pending = False
-        self.sub_renegotiate = False
-        self.audio_only = False
-        self.pub_pc.on("track", self._on_track)
-
-    # ----------------------------------------------------------------- signals out
+        self.producers: dict[str, ProducerState] = {}
+        self.consumers: dict[str, ConsumerState] = {}  # producer id -> consumer
 
     def push(self, signal: M.ServerSignal) -> M.ServerSignal:
         self.seq += 1
@@ -174,6 +247,10 @@ class Peer:
                 cursor = signal.seq
                 yield signal
             if self.closed:
+                # Signals pushed while the last batch was being written (a leave's own ack
+                # just before the close) still go out.
+                if any(s.seq > cursor for _, s in self.buffer):
+                    continue
                 if self.close_error is not None:
                     raise self.close_error
                 return
@@ -181,91 +258,14 @@ class Peer:
                 if self.seq == cursor and not self.closed:
                     await self.changed.wait()
 
-    # ----------------------------------------------------------------- media
-
-    def _on_track(self, track: object) -> None:
-        receiver = next(
-            (t.receiver for t in self.pub_pc.getTransceivers() if t.receiver.track is track),
-            None,
-        )
-        if receiver is None:
-            return
-        kind = getattr(track, "kind", "")
-        track_id = getattr(track, "id", "")
-        match = next((p for p in self.pending if p.client_track_id == track_id), None) or next(
-            (p for p in self.pending if p.kind == kind), None
-        )
-        if match is None:
-            log.info("unannounced track ignored", extra={"kind": kind, "user_id": self.user_id})
-            return
-        self.pending.remove(match)
-        self.router.engine.attach_receiver(match, receiver)
-
-    async def answer_publisher(self, sdp: str) -> str:
-        await self.pub_pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        for transceiver in self.pub_pc.getTransceivers():
-            _prefer_codec(transceiver)
-        answer = await self.pub_pc.createAnswer()
-        await self.pub_pc.setLocalDescription(answer)
-        return self.pub_pc.localDescription.sdp
-
-    async def offer_subscriber(self) -> None:
-        """Server-initiated offer on the subscriber connection (one at a time)."""
-        if self.sub_offer_pending:
-            self.sub_renegotiate = True
-            return
-        self.sub_offer_pending = True
-        self.sub_renegotiate = False
-        offer = await self.sub_pc.createOffer()
-        await self.sub_pc.setLocalDescription(offer)
-        self.push(
-            M.ServerSignal(
-                offer=M.SessionDescription(
-                    type=M.SDP_TYPE_OFFER,
-                    sdp=self.sub_pc.localDescription.sdp,
-                    target=M.PEER_CONNECTION_TARGET_SUBSCRIBER,
-                )
-            )
-        )
-
-    async def subscriber_answered(self, sdp: str) -> None:
-        if not self.sub_offer_pending:
-            raise FailedPrecondition("SDP_INVALID", "no offer is pending on the subscriber")
-        await self.sub_pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
-        self.sub_offer_pending = False
-        if self.sub_renegotiate:
-            await self.offer_subscriber()
-
-    def add_consumer(self, consumer: Consumer) -> None:
-        transceiver = self.sub_pc.addTransceiver(consumer.track, direction="sendonly")
-        _prefer_codec(transceiver)
-        sender = transceiver.sender
-        self.router.engine.hook_sender(consumer, sender, consumer.producer.request_keyframe)
-        self.consumers[consumer.producer.id] = consumer
-
     async def close(self, error: ClassMeshError | None = None) -> None:
+        """Mark closed (the signal stream ends, with `error` if given); the caller frees the
+        back-end peer."""
         if self.closed:
             return
         self.closed = True
         self.close_error = error
-        for consumer in self.consumers.values():
-            consumer.close()
-        self.consumers.clear()
-        await asyncio.gather(
-            self.router.engine.close_peer_connection(self.pub_pc),
-            self.router.engine.close_peer_connection(self.sub_pc),
-            return_exceptions=True,
-        )
         await self._notify()
-
-
-def _prefer_codec(transceiver: RTCRtpTransceiver) -> None:
-    """Only VP8 / Opus: subscribers must get the publisher's codec (no transcoding)."""
-    caps = RTCRtpSender.getCapabilities(transceiver.kind)
-    wanted = _MIME.get(transceiver.kind, "").lower()
-    codecs = [c for c in caps.codecs if c.mimeType.lower() == wanted]
-    if codecs:
-        transceiver.setCodecPreferences(codecs)
 
 
 def _error_signal(signal_id: str, err: ClassMeshError) -> M.ServerSignal:
@@ -276,13 +276,59 @@ def _error_signal(signal_id: str, err: ClassMeshError) -> M.ServerSignal:
 class MediaService:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        cfg = runtime.config
         self.routers: dict[str, RouterEntry] = {}  # router id -> entry (closed ones too)
         self.open: dict[tuple[str, str, str], RouterEntry] = {}  # (tenant, session, room)
         self.watchers: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self.queue_size = runtime.config.media_consumer_queue_size
         self._lock = asyncio.Lock()
         #: Seed 000 STR-032: 5 failed router creations in 60 s open it; half-open after 30 s.
         self.breaker = CircuitBreaker("media router creation", reason="MEDIA_UNAVAILABLE")
+        self.aiortc = AiortcBackend(
+            workers=cfg.media_workers,
+            ice_hosts=cfg.media_ice_hosts,
+            queue_size=cfg.media_consumer_queue_size,
+            log_level=cfg.log_level,
+        )
+        self.backends: dict[str, MediaBackend] = {"aiortc": self.aiortc}
+        self.aiortc.events = self.on_event
+        self._starting: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the media workers (processes now, their connections in the background)."""
+        self.aiortc.spawn()
+        with contextlib.suppress(RuntimeError):  # no running loop: started on first use
+            self._starting = asyncio.get_running_loop().create_task(self.aiortc.start())
+
+    async def backend(self, name: str) -> MediaBackend:
+        """The started back-end `name` ("aiortc" | "janus")."""
+        found = self.backends.get(name)
+        if found is None:
+            if name != "janus":
+                raise FailedPrecondition("FEATURE_DISABLED", f"unknown media back-end {name!r}")
+            try:
+                from classmesh.media.janus.backend import JanusBackend
+            except ImportError as exc:
+                raise FailedPrecondition(
+                    "FEATURE_DISABLED", "the janus back-end is not installed here"
+                ) from exc
+            janus = JanusBackend.from_config(self.runtime.config)
+            janus.events = self.on_event
+            self.backends[name] = found = janus
+        await found.start()
+        return found
+
+    async def close_all(self) -> None:
+        for entry in list(self.open.values()):
+            await self.close_router(entry)
+        for task in self.watchers.values():
+            task.cancel()
+        for backend in list(self.backends.values()):
+            try:
+                await backend.close()
+            except Exception:  # stop the others anyway
+                log.exception("media back-end close failed", extra={"backend": backend.name})
 
     # ------------------------------------------------------------------ checks
 
@@ -316,7 +362,13 @@ class MediaService:
     # ------------------------------------------------------------------ routers
 
     async def create_router(
-        self, principal: Principal, session_id: str, room_id: str, *, check_session: bool = True
+        self,
+        principal: Principal,
+        session_id: str,
+        room_id: str,
+        *,
+        check_session: bool = True,
+        backend: M.MediaBackend.ValueType = M.MEDIA_BACKEND_UNSPECIFIED,
     ) -> tuple[RouterEntry, bool]:
         if check_session:
             self.check_token(principal, session_id)
@@ -327,6 +379,7 @@ class MediaService:
                     await store.require_breakout_room(
                         conn, principal.tenant_id, session_id, room_id
                     )
+        name = _BACKEND_NAME.get(backend) or self.runtime.config.media_backend
         async with self._lock:
             key = (principal.tenant_id, session_id, room_id)
             entry = self.open.get(key)
@@ -339,16 +392,20 @@ class MediaService:
                     0,
                     f"a session has at most {MAX_ROUTERS} routers",
                 )
+            router_id = str(uuid.uuid4())
             async with self.breaker.guard():
-                engine = AiortcRouter(queue_size=self.queue_size)
+                engine = await self.backend(name)
+                node_id = await engine.open_router(router_id)
             entry = RouterEntry(
-                engine=engine,
+                id=router_id,
+                backend=engine,
+                node_id=node_id,
                 tenant_id=principal.tenant_id,
                 session_id=session_id,
                 breakout_room_id=room_id,
             )
             self.open[key] = entry
-            self.routers[entry.engine.id] = entry
+            self.routers[router_id] = entry
             self._watch(principal.tenant_id, session_id)
             return entry, True
 
@@ -367,6 +424,8 @@ class MediaService:
         return entry
 
     async def close_router(self, entry: RouterEntry, reason: str = "router closed") -> None:
+        """Close the router: every peer's stream ends, the back-end frees every peer,
+        producer and consumer in it."""
         if entry.close_time is not None:
             return
         entry.close_time = _now()
@@ -375,17 +434,15 @@ class MediaService:
         await asyncio.gather(
             *(peer.close(error) for peer in entry.peers.values()), return_exceptions=True
         )
-        await entry.engine.close()
+        try:
+            await entry.backend.close_router(entry.id)
+        except ClassMeshError as err:
+            log.warning("router close failed", extra={"router_id": entry.id, "detail": str(err)})
+        entry.producers.clear()
         if not any(k[:2] == (entry.tenant_id, entry.session_id) for k in self.open):
             task = self.watchers.pop((entry.tenant_id, entry.session_id), None)
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
-
-    async def close_all(self) -> None:
-        for entry in list(self.open.values()):
-            await self.close_router(entry)
-        for task in self.watchers.values():
-            task.cancel()
 
     # ------------------------------------------------------------------ peers
 
@@ -396,11 +453,35 @@ class MediaService:
         peer = entry.peers.get(me.user_id)
         if peer is None or peer.closed:
             peer = Peer(entry, me)
+            await entry.backend.add_peer(entry.id, peer.id)
+            if entry.close_time is not None:  # closed meanwhile
+                await entry.backend.remove_peer(entry.id, peer.id)
+                raise NotFound("router", entry.id, reason="ROUTER_NOT_FOUND")
+            stale = entry.peers.get(me.user_id)
             entry.peers[me.user_id] = peer
+            if stale is not None and stale is not peer:
+                await self._drop_peer(entry, stale, None)
             for track in entry.tracks.values():
                 if track.user_id != me.user_id:
                     peer.push(M.ServerSignal(track_published=track))
+            await self._apply_room_size(entry)
         return peer
+
+    async def _drop_peer(
+        self, entry: RouterEntry, peer: Peer, error: ClassMeshError | None
+    ) -> list[str]:
+        """Close a peer that is no longer (or never was) the user's current one: its stream
+        ends, the back-end frees it, its tracks are unpublished."""
+        if entry.peers.get(peer.user_id) is peer:
+            del entry.peers[peer.user_id]
+        await peer.close(error)
+        with contextlib.suppress(ClassMeshError):
+            await entry.backend.remove_peer(entry.id, peer.id)
+        unpublished = list(peer.producers)
+        for producer_id in unpublished:
+            await self._unpublish(entry, peer, producer_id, None)
+        await self._apply_room_size(entry)
+        return unpublished
 
     async def disconnect_user(
         self, tenant_id: str, session_id: str, user_id: str, error: ClassMeshError | None
@@ -409,14 +490,114 @@ class MediaService:
         for key, entry in list(self.open.items()):
             if key[:2] != (tenant_id, session_id):
                 continue
-            peer = entry.peers.pop(user_id, None)
-            if peer is None:
-                continue
-            await peer.close(error)
-            for producer_id in list(peer.producers):
-                await self._unpublish(entry, peer, producer_id, None)
-                unpublished.append(producer_id)
+            peer = entry.peers.get(user_id)
+            if peer is not None:
+                unpublished += await self._drop_peer(entry, peer, error)
         return unpublished
+
+    # ------------------------------------------------------------------ back-end events
+
+    async def on_event(self, router_id: str, peer_id: str, event: BackendEvent) -> None:
+        """A back-end's event (engine/backend.py) -> signals to the clients concerned."""
+        entry = self.routers.get(router_id)
+        if entry is None or entry.close_time is not None:
+            return
+        if isinstance(event, RouterRestarted):
+            await self._restarted(entry, event)
+            return
+        peer = entry.peer_by_id(peer_id)
+        if peer is None or peer.closed:
+            return
+        if isinstance(event, SubscriberOffer):
+            peer.push(
+                M.ServerSignal(
+                    offer=M.SessionDescription(
+                        type=M.SDP_TYPE_OFFER,
+                        sdp=event.sdp,
+                        target=M.PEER_CONNECTION_TARGET_SUBSCRIBER,
+                    )
+                )
+            )
+        elif isinstance(event, LocalCandidate):
+            peer.push(
+                M.ServerSignal(
+                    ice_candidate=M.IceCandidate(
+                        candidate=event.candidate,
+                        sdp_mid=event.sdp_mid,
+                        sdp_mline_index=event.sdp_mline_index,
+                        target=_TARGET_ENUM[event.target],
+                        end_of_candidates=event.end_of_candidates,
+                    )
+                )
+            )
+        elif isinstance(event, PeerClosed):
+            log.info(
+                "media peer connection closed",
+                extra={"router_id": router_id, "user_id": peer.user_id, "detail": event.reason},
+            )
+
+    async def _restarted(self, entry: RouterEntry, event: RouterRestarted) -> None:
+        """The back-end re-opened the router empty: re-add every peer and producer (same
+        ids), forget subscriptions, and tell every client to renegotiate."""
+        entry.node_id = event.node_id
+        log.warning(
+            "media router restarted",
+            extra={"router_id": entry.id, "node_id": event.node_id, "detail": event.reason},
+        )
+        for peer in list(entry.peers.values()):
+            if peer.closed:
+                continue
+            try:
+                await entry.backend.add_peer(entry.id, peer.id)
+                for producer in peer.producers.values():
+                    await entry.backend.add_producer(entry.id, peer.id, producer.spec())
+            except ClassMeshError as err:
+                log.warning("peer re-add failed", extra={"router_id": entry.id, "detail": str(err)})
+            peer.consumers.clear()
+            peer.push(
+                M.ServerSignal(
+                    media_restarted=M.MediaRestarted(
+                        router_id=entry.id, node_id=event.node_id, reason=event.reason[:200]
+                    )
+                )
+            )
+
+    # ------------------------------------------------------------------ room size
+
+    async def _apply_room_size(self, entry: RouterEntry) -> None:
+        """Seed 003 graceful degradation: above the configured size no video for anyone."""
+        limit = self.runtime.config.media_audio_only_above
+        live = [p for p in entry.peers.values() if not p.closed]
+        forced = limit > 0 and len(live) > limit
+        if forced == entry.audio_only_forced or entry.close_time is not None:
+            return
+        entry.audio_only_forced = forced
+        for peer in live:
+            for consumer in list(peer.consumers.values()):
+                if consumer.kind != "video":
+                    continue
+                with contextlib.suppress(ClassMeshError):
+                    await entry.backend.set_consumer_state(
+                        entry.id,
+                        peer.id,
+                        consumer.producer_id,
+                        paused=consumer.paused,
+                        audio_only=forced or consumer.audio_only,
+                    )
+                if forced:
+                    peer.push(
+                        M.ServerSignal(
+                            consumer_paused=M.ConsumerPaused(
+                                track_id=consumer.producer_id, reason=M.PAUSE_REASON_ROOM_SIZE
+                            )
+                        )
+                    )
+                else:
+                    peer.push(
+                        M.ServerSignal(
+                            consumer_resumed=M.ConsumerResumed(track_id=consumer.producer_id)
+                        )
+                    )
 
     # ------------------------------------------------------------------ moves
 
@@ -446,50 +627,56 @@ class MediaService:
             return "", target
         if current is not target:
             await self._move(principal, current.peers[user_id], current, target)
-        return current.engine.id, target
+        return current.id, target
 
     async def _move(
         self, principal: Principal, peer: Peer, old: RouterEntry, new: RouterEntry
     ) -> None:
         """Close the peer's consumers and producers in `old`, re-create its producers in `new`
-        on the same receivers (the publisher connection stays), replace the subscriber
-        connection (the client renegotiates on RouterMoved: the server offers again when it
-        subscribes) and announce the new room's tracks."""
-        old.peers.pop(peer.user_id, None)
-        for consumer in peer.consumers.values():
-            consumer.close()
+        (on the same publisher connection when the back-end keeps it), replace the
+        subscriber connection (the client renegotiates on RouterMoved: the server offers
+        again when it subscribes) and announce the new room's tracks."""
+        moved = [(p, p.spec(str(uuid.uuid4()))) for p in peer.producers.values()]
+        if old.backend is new.backend:
+            kept = await old.backend.move_peer(
+                old.id, new.id, peer.id, [(p.id, spec) for p, spec in moved]
+            )
+        else:
+            with contextlib.suppress(ClassMeshError):
+                await old.backend.remove_peer(old.id, peer.id)
+            await new.backend.add_peer(new.id, peer.id)
+            for _, spec in moved:
+                await new.backend.add_producer(new.id, peer.id, spec)
+            kept = False
+        if old.peers.get(peer.user_id) is peer:
+            del old.peers[peer.user_id]
         peer.consumers.clear()
-        moved: list[tuple[Producer, M.Track | None]] = []
-        for producer_id, producer in list(peer.producers.items()):
-            moved.append((producer, old.tracks.get(producer_id)))
-            await self._unpublish(old, peer, producer_id, principal)
-        pending = {p.id for p in peer.pending}
-        peer.pending = []
-        old.engine.peer_connections.discard(peer.pub_pc)
-        new.engine.peer_connections.add(peer.pub_pc)
-        await old.engine.close_peer_connection(peer.sub_pc)
-        peer.sub_pc = new.engine.new_peer_connection()
-        peer.sub_offer_pending = peer.sub_renegotiate = False
-        peer.router = new
+        olds = [(p, old.tracks.get(p.id)) for p, _ in moved]
+        for producer, _ in moved:
+            await self._unpublish(old, peer, producer.id, principal, engine=False)
         stale = new.peers.get(peer.user_id)
+        peer.router = new
+        new.peers[peer.user_id] = peer
         if stale is not None and stale is not peer:
             await stale.close()
-        new.peers[peer.user_id] = peer
+            with contextlib.suppress(ClassMeshError):
+                await new.backend.remove_peer(new.id, stale.id)
         peer.push(
             M.ServerSignal(
                 router_moved=M.RouterMoved(
-                    from_router_id=old.engine.id,
-                    to_router_id=new.engine.id,
+                    from_router_id=old.id,
+                    to_router_id=new.id,
                     breakout_room_id=new.breakout_room_id,
+                    republish=not kept,
                 )
             )
         )
         for track in new.tracks.values():
             if track.user_id != peer.user_id:
                 peer.push(M.ServerSignal(track_published=track))
-        for producer, old_track in moved:
-            fresh = Producer(
-                id=str(uuid.uuid4()),
+        for (producer, spec), (_, old_track) in zip(moved, olds, strict=True):
+            fresh = ProducerState(
+                id=spec.producer_id,
                 kind=producer.kind,
                 user_id=producer.user_id,
                 participant_id=producer.participant_id,
@@ -498,27 +685,25 @@ class MediaService:
                 muted=producer.muted,
                 paused=producer.paused,
                 moderator_muted=producer.moderator_muted,
-                ssrc=producer.ssrc,
+                layers=producer.layers,
             )
             track = M.Track()
             if old_track is not None:
                 track.CopyFrom(old_track)
             track.id = fresh.id
-            track.router_id = new.engine.id
+            track.router_id = new.id
             track.breakout_room_id = new.breakout_room_id
             track.publish_time.GetCurrentTime()
             with contextlib.suppress(ClassMeshError):
                 await self._log_track(principal, track, published=True)
-            new.engine.add_producer(fresh)
+            new.producers[fresh.id] = fresh
             new.tracks[fresh.id] = track
             peer.producers[fresh.id] = fresh
-            if producer.id in pending or producer.receiver is None:
-                peer.pending.append(fresh)
-            else:
-                new.engine.attach_receiver(fresh, producer.receiver)
             for other in list(new.peers.values()):
                 if other is not peer and not other.closed:
                     other.push(M.ServerSignal(track_published=track))
+        await self._apply_room_size(old)
+        await self._apply_room_size(new)
 
     # ------------------------------------------------------------------ signals in
 
@@ -538,11 +723,7 @@ class MediaService:
         if (
             peer is None
             or peer.closed
-            or (peer.router.session_id, peer.router.breakout_room_id)
-            != (
-                session_id,
-                room_id,
-            )
+            or (peer.router.session_id, peer.router.breakout_room_id) != (session_id, room_id)
         ):
             peer = await self.peer(principal, session_id, room_id)
         else:
@@ -551,15 +732,6 @@ class MediaService:
             reply = await self._apply(principal, peer, signal)
         except ClassMeshError as err:
             reply = _error_signal(signal.signal_id, err)
-        except (ValueError, AttributeError, RuntimeError) as exc:
-            log.info("signal failed", extra={"kind": kind, "detail": str(exc)})
-            reply = _error_signal(
-                signal.signal_id,
-                InvalidArgument(
-                    [(f"signal.{kind}", f"could not be applied: {exc}"[:300])],
-                    reason="SDP_INVALID",
-                ),
-            )
         reply.signal_id = signal.signal_id
         if peer.closed:
             return peer, reply
@@ -582,7 +754,9 @@ class MediaService:
                 raise FailedPrecondition(
                     "SDP_INVALID", "the server offers on the subscriber connection"
                 )
-            sdp = await peer.answer_publisher(desc.sdp)
+            sdp = await entry.backend.publisher_offer(
+                entry.id, peer.id, desc.sdp, [p.spec() for p in peer.producers.values()]
+            )
             return M.ServerSignal(
                 answer=M.SessionDescription(
                     type=M.SDP_TYPE_ANSWER, sdp=sdp, target=M.PEER_CONNECTION_TARGET_PUBLISHER
@@ -591,7 +765,7 @@ class MediaService:
         if kind == "answer":
             desc = signal.answer
             _check_sdp(desc, M.SDP_TYPE_ANSWER, "answer")
-            await peer.subscriber_answered(desc.sdp)
+            await entry.backend.subscriber_answer(entry.id, peer.id, desc.sdp)
             return ack
         if kind == "ice_candidate":
             cand = signal.ice_candidate
@@ -601,16 +775,14 @@ class MediaService:
             v.require_range("signal.ice_candidate.sdp_mline_index", cand.sdp_mline_index, 0, 1023)
             v.raise_if_any()
             if cand.candidate:
-                text = cand.candidate.removeprefix("candidate:")
-                parsed = candidate_from_sdp(text)
-                parsed.sdpMid = cand.sdp_mid or None
-                parsed.sdpMLineIndex = cand.sdp_mline_index
-                pc = (
-                    peer.sub_pc
-                    if cand.target == M.PEER_CONNECTION_TARGET_SUBSCRIBER
-                    else peer.pub_pc
+                await entry.backend.add_ice_candidate(
+                    entry.id,
+                    peer.id,
+                    _TARGET.get(cand.target, "publisher"),
+                    cand.candidate,
+                    cand.sdp_mid,
+                    cand.sdp_mline_index,
                 )
-                await pc.addIceCandidate(parsed)
             return ack
         if kind == "publish":
             return await self._publish(principal, peer, signal.publish)
@@ -621,32 +793,27 @@ class MediaService:
             await self._unpublish(entry, peer, track_id, principal)
             return ack
         if kind == "subscribe":
-            sub = signal.subscribe
-            v = Validator()
-            v.check(1 <= len(sub.track_ids) <= 100, "signal.subscribe.track_ids", "1-100 ids")
-            v.require_range("signal.subscribe.spatial_layer", sub.spatial_layer, 0, 2)
-            v.require_range("signal.subscribe.temporal_layer", sub.temporal_layer, 0, 2)
-            v.raise_if_any()
-            for track_id in sub.track_ids:
-                if track_id not in entry.engine.producers:
-                    raise NotFound("track", track_id, reason="TRACK_NOT_FOUND")
-            peer.audio_only = sub.audio_only
-            added = False
-            for track_id in dict.fromkeys(sub.track_ids):
-                if track_id in peer.consumers:
-                    peer.consumers[track_id].audio_only = sub.audio_only
-                    continue
-                consumer = entry.engine.consume(track_id, peer.user_id, audio_only=sub.audio_only)
-                peer.add_consumer(consumer)
-                added = True
-            if added:
-                await peer.offer_subscriber()
-            return ack
+            return await self._subscribe(peer, signal.subscribe)
         if kind == "unsubscribe":
-            for track_id in signal.unsubscribe.track_ids:
-                gone = peer.consumers.pop(track_id, None)
-                if gone is not None:
-                    gone.close()
+            ids = [i for i in signal.unsubscribe.track_ids if i in peer.consumers]
+            for track_id in ids:
+                del peer.consumers[track_id]
+            if ids:
+                await entry.backend.unsubscribe(entry.id, peer.id, ids)
+            return ack
+        if kind == "set_preferred_layers":
+            layers = signal.set_preferred_layers
+            v = Validator()
+            v.require_range("signal.set_preferred_layers.spatial_layer", layers.spatial_layer, 0, 2)
+            v.require_range(
+                "signal.set_preferred_layers.temporal_layer", layers.temporal_layer, 0, 2
+            )
+            v.raise_if_any()
+            if layers.track_id not in peer.consumers:
+                raise NotFound("track", layers.track_id, reason="TRACK_NOT_FOUND")
+            await entry.backend.set_preferred_layers(
+                entry.id, peer.id, layers.track_id, layers.spatial_layer, layers.temporal_layer
+            )
             return ack
         if kind in ("pause", "resume"):
             msg = signal.pause if kind == "pause" else signal.resume
@@ -657,56 +824,134 @@ class MediaService:
                     raise NotFound("track", msg.track_id, reason="TRACK_NOT_FOUND")
                 producer.paused = paused
                 if not paused:
-                    producer.set_moderator_muted(producer.moderator_muted)
+                    producer.muted = False
+                track = entry.tracks.get(producer.id)
+                if track is not None:
+                    track.paused = paused
+                    track.muted = producer.muted or producer.moderator_muted
+                await entry.backend.set_producer_state(
+                    entry.id,
+                    producer.id,
+                    paused=producer.paused or producer.muted,
+                    moderator_muted=producer.moderator_muted,
+                )
                 self._broadcast_pause(entry, producer, paused, M.PAUSE_REASON_PRODUCER)
             else:
                 mine = peer.consumers.get(msg.track_id)
                 if mine is None:
                     raise NotFound("track", msg.track_id, reason="TRACK_NOT_FOUND")
                 mine.paused = paused
-                if not paused:
-                    mine.restart()
+                await entry.backend.set_consumer_state(
+                    entry.id,
+                    peer.id,
+                    mine.producer_id,
+                    paused=paused,
+                    audio_only=mine.audio_only or entry.audio_only_forced,
+                )
             return ack
         if kind == "leave":
-            entry.peers.pop(peer.user_id, None)
-            for producer_id in list(peer.producers):
-                await self._unpublish(entry, peer, producer_id, principal)
             reply = peer.push(M.ServerSignal(signal_id=signal.signal_id, ack=M.SignalAck()))
-            await peer.close()
+            await self._drop_peer(entry, peer, None)
             return reply
         raise Unimplemented("UNIMPLEMENTED", f"{kind} is not implemented yet")
+
+    async def _subscribe(self, peer: Peer, sub: M.SubscribeTracks) -> M.ServerSignal:
+        entry = peer.router
+        v = Validator()
+        v.check(1 <= len(sub.track_ids) <= 100, "signal.subscribe.track_ids", "1-100 ids")
+        v.require_range("signal.subscribe.spatial_layer", sub.spatial_layer, 0, 2)
+        v.require_range("signal.subscribe.temporal_layer", sub.temporal_layer, 0, 2)
+        v.raise_if_any()
+        for track_id in sub.track_ids:
+            if track_id not in entry.producers:
+                raise NotFound("track", track_id, reason="TRACK_NOT_FOUND")
+        ids = list(dict.fromkeys(sub.track_ids))
+        new = [i for i in ids if i not in peer.consumers]
+        await entry.backend.subscribe(
+            entry.id,
+            peer.id,
+            ids,
+            audio_only=sub.audio_only or entry.audio_only_forced,
+            spatial_layer=sub.spatial_layer,
+            temporal_layer=sub.temporal_layer,
+        )
+        for track_id in ids:
+            state = peer.consumers.get(track_id)
+            if state is None:
+                state = peer.consumers[track_id] = ConsumerState(
+                    track_id, entry.producers[track_id].kind
+                )
+            state.audio_only = sub.audio_only
+        if entry.audio_only_forced:
+            for track_id in new:
+                if peer.consumers[track_id].kind == "video":
+                    peer.push(
+                        M.ServerSignal(
+                            consumer_paused=M.ConsumerPaused(
+                                track_id=track_id, reason=M.PAUSE_REASON_ROOM_SIZE
+                            )
+                        )
+                    )
+        return M.ServerSignal(ack=M.SignalAck())
 
     async def _publish(
         self, principal: Principal, peer: Peer, pub: M.PublishTrack
     ) -> M.ServerSignal:
+        entry = peer.router
         v = Validator()
         v.require_len("signal.publish.client_track_id", pub.client_track_id, 1, 128)
         v.require_enum("signal.publish.kind", pub.kind, list(_KIND))
         v.require_len("signal.publish.name", pub.name, 0, 100)
+        v.require_len("signal.publish.preferred_codec", pub.preferred_codec, 0, 64)
         v.check(len(pub.layers) <= 3, "signal.publish.layers", "at most 3 encodings")
+        for i, layer in enumerate(pub.layers):
+            v.require_range(f"signal.publish.layers[{i}].spatial_layer", layer.spatial_layer, 0, 2)
+            v.require_len(f"signal.publish.layers[{i}].rid", layer.rid, 0, 16)
         v.raise_if_any()
         kind = _KIND[pub.kind]
-        if pub.preferred_codec and pub.preferred_codec.lower() != _MIME[kind].lower():
-            raise InvalidArgument(
-                [("signal.publish.preferred_codec", f"only {_MIME[kind]} is supported")],
-                reason="SDP_INVALID",
-            )
-        entry = peer.router
-        producer = Producer(
+        supported = CODECS_BY_BACKEND.get(entry.backend.name, CODECS_BY_BACKEND["aiortc"])[kind]
+        mime = supported[0]
+        if pub.preferred_codec:
+            wanted = pub.preferred_codec.lower()
+            match = next((m for m in supported if m.lower() == wanted), None)
+            if match is None:
+                raise InvalidArgument(
+                    [
+                        (
+                            "signal.publish.preferred_codec",
+                            f"the {entry.backend.name} back-end forwards only "
+                            + ", ".join(supported),
+                        )
+                    ],
+                    reason="CODEC_NOT_SUPPORTED",
+                    metadata={"codec": pub.preferred_codec, "supported": ",".join(supported)},
+                )
+            mime = match
+        producer = ProducerState(
             id=str(uuid.uuid4()),
             kind=kind,
             user_id=peer.user_id,
             participant_id=peer.participant_id,
             client_track_id=pub.client_track_id,
-            mime_type=_MIME[kind],
+            mime_type=mime,
             muted=pub.muted,
+            layers=tuple(
+                LayerSpec(
+                    spatial_layer=layer.spatial_layer,
+                    rid=layer.rid,
+                    width=layer.width,
+                    height=layer.height,
+                    max_bitrate_bps=layer.max_bitrate_bps,
+                )
+                for layer in pub.layers
+            ),
         )
         source = pub.source or (
             M.TRACK_SOURCE_MICROPHONE if kind == "audio" else M.TRACK_SOURCE_CAMERA
         )
         track = M.Track(
             id=producer.id,
-            router_id=entry.engine.id,
+            router_id=entry.id,
             session_id=entry.session_id,
             breakout_room_id=entry.breakout_room_id,
             participant_id=peer.participant_id,
@@ -716,14 +961,20 @@ class MediaService:
             name=pub.name,
             mime_type=producer.mime_type,
             muted=pub.muted,
+            layers=pub.layers,
             client_track_id=pub.client_track_id,
         )
         track.publish_time.GetCurrentTime()
-        await self._log_track(principal, track, published=True)
-        entry.engine.add_producer(producer)
+        await entry.backend.add_producer(entry.id, peer.id, producer.spec())
+        try:
+            await self._log_track(principal, track, published=True)
+        except ClassMeshError:
+            with contextlib.suppress(ClassMeshError):
+                await entry.backend.remove_producer(entry.id, producer.id)
+            raise
+        entry.producers[producer.id] = producer
         entry.tracks[producer.id] = track
         peer.producers[producer.id] = producer
-        peer.pending.append(producer)
         for other in list(entry.peers.values()):
             if other is not peer and not other.closed:
                 other.push(M.ServerSignal(track_published=track))
@@ -732,10 +983,19 @@ class MediaService:
         )
 
     async def _unpublish(
-        self, entry: RouterEntry, peer: Peer, producer_id: str, principal: Principal | None
+        self,
+        entry: RouterEntry,
+        peer: Peer,
+        producer_id: str,
+        principal: Principal | None,
+        *,
+        engine: bool = True,
     ) -> None:
         peer.producers.pop(producer_id, None)
-        entry.engine.remove_producer(producer_id)
+        entry.producers.pop(producer_id, None)
+        if engine:
+            with contextlib.suppress(ClassMeshError):
+                await entry.backend.remove_producer(entry.id, producer_id)
         track = entry.tracks.pop(producer_id, None)
         if track is None:
             return
@@ -786,7 +1046,7 @@ class MediaService:
         return entry.tenant_id if entry else ""
 
     def _broadcast_pause(
-        self, entry: RouterEntry, producer: Producer, paused: bool, reason: Any
+        self, entry: RouterEntry, producer: ProducerState, paused: bool, reason: Any
     ) -> None:
         for other in entry.peers.values():
             if producer.id in other.consumers and not other.closed:
@@ -860,21 +1120,28 @@ class MediaService:
                 sources.add(M.TRACK_SOURCE_CAMERA)
             if payload.screen:
                 sources |= {M.TRACK_SOURCE_SCREEN_SHARE, M.TRACK_SOURCE_SCREEN_SHARE_AUDIO}
-            self.moderate(tenant_id, session_id, user_id, sources, muted)
+            await self.moderate(tenant_id, session_id, user_id, sources, muted)
         return False
 
-    def moderate(
+    async def moderate(
         self, tenant_id: str, session_id: str, user_id: str, sources: set[int], muted: bool
     ) -> None:
-        for key, entry in self.open.items():
+        for key, entry in list(self.open.items()):
             if key[:2] != (tenant_id, session_id):
                 continue
-            for producer in entry.engine.producers.values():
+            for producer in list(entry.producers.values()):
                 track = entry.tracks.get(producer.id)
                 if producer.user_id != user_id or track is None or track.source not in sources:
                     continue
-                producer.set_moderator_muted(muted)
+                producer.moderator_muted = muted
                 track.muted = muted or producer.muted
+                with contextlib.suppress(ClassMeshError):
+                    await entry.backend.set_producer_state(
+                        entry.id,
+                        producer.id,
+                        paused=producer.paused or producer.muted,
+                        moderator_muted=muted,
+                    )
                 self._broadcast_pause(entry, producer, muted, M.PAUSE_REASON_MODERATOR)
 
     # ------------------------------------------------------------------ read-only RPCs
@@ -905,7 +1172,7 @@ class MediaService:
                 and (not session_id or e.session_id == session_id)
                 and (include_closed or e.close_time is None)
             ),
-            key=lambda e: (e.session_id, e.breakout_room_id != "", e.create_time, e.engine.id),
+            key=lambda e: (e.session_id, e.breakout_room_id != "", e.create_time, e.id),
         )
         page = rows[offset : offset + limit]
         more = offset + limit < len(rows)
@@ -928,14 +1195,18 @@ class MediaService:
         return tracks[offset : offset + limit], encode_page_token(offset + limit) if more else ""
 
     def capabilities(self, principal: Principal, session_id: str, room_id: str) -> tuple[str, Any]:
-        """What the aiortc back-end negotiates: VP8 and Opus only (passthrough never
-        transcodes, so every peer must use the publisher's codec)."""
+        """What the room's back-end negotiates: the codecs it forwards (passthrough never
+        transcodes, so every peer must use the publisher's codec) and aiortc's header
+        extensions; simulcast only on the janus back-end."""
         self.check_token(principal, session_id)
         entry = self.open.get((principal.tenant_id, session_id, room_id))
-        caps = M.RouterCapabilities(simulcast=False, max_spatial_layer=0)
-        for kind, mime in _MIME.items():
+        name = entry.backend.name if entry else self.runtime.config.media_backend
+        simulcast = entry.backend.simulcast if entry else name == "janus"
+        caps = M.RouterCapabilities(simulcast=simulcast, max_spatial_layer=2 if simulcast else 0)
+        forwarded = CODECS_BY_BACKEND.get(name, CODECS_BY_BACKEND["aiortc"])
+        for kind, mimes in forwarded.items():
             for codec in CODECS[kind]:
-                if codec.mimeType.lower() != mime.lower():
+                if codec.mimeType.lower() not in {m.lower() for m in mimes}:
                     continue
                 caps.codecs.append(
                     M.RtpCodecCapability(
@@ -955,7 +1226,7 @@ class MediaService:
                 caps.header_extensions.append(
                     M.RtpHeaderExtension(uri=ext.uri, preferred_id=ext.id, kind=_KIND_ENUM[kind])
                 )
-        return (entry.engine.id if entry else ""), caps
+        return (entry.id if entry else ""), caps
 
     def turn_credentials(
         self, principal: Principal, session_id: str, ttl: int | None, now: float | None = None
@@ -980,9 +1251,11 @@ class MediaService:
             list(grant.urls),
         )
 
-    def media_stats(
+    async def media_stats(
         self, principal: Principal, session_id: str, room_id: str | None, user_id: str
-    ) -> list[M.RouterStats]:
+    ) -> tuple[list[M.RouterStats], list[M.WorkerStats]]:
+        """Figures of the session's routers (sampled in the back-end) and, for admins,
+        of every media worker."""
         self.check_token(principal, session_id)
         moderator = principal.role in STAFF or principal.can("moderate")
         if not user_id and not moderator:
@@ -995,38 +1268,86 @@ class MediaService:
                 continue
             if room_id is not None and room != room_id:
                 continue
-            producers = list(entry.engine.producers.values())
-            consumers = [c for p in producers for c in p.consumers.values()]
+            try:
+                data = await entry.backend.stats(entry.id)
+            except ClassMeshError as err:
+                raise Unavailable(
+                    "MEDIA_UNAVAILABLE", 1.0, f"media figures unavailable: {err.message}"
+                ) from err
             stats = M.RouterStats(
-                router_id=entry.engine.id,
+                router_id=entry.id,
                 breakout_room_id=room,
-                producer_count=len(producers),
-                consumer_count=len(consumers),
-                forwarded_frames=sum(c.sent_packets for c in consumers),
-                forwarded_bytes=sum(c.sent_bytes for c in consumers),
-                dropped_frames=sum(c.dropped_packets for c in consumers),
-                received_frames=sum(p.frames_in for p in producers),
+                ingress_bitrate_bps=data.ingress_bitrate_bps,
+                egress_bitrate_bps=data.egress_bitrate_bps,
+                producer_count=data.producers,
+                consumer_count=data.consumers,
+                forwarded_frames=data.forwarded_frames,
+                forwarded_bytes=data.forwarded_bytes,
+                dropped_frames=data.dropped_frames,
+                received_frames=data.received_frames,
             )
             stats.sample_time.GetCurrentTime()
+            rows = {row.peer_id: row for row in data.participants}
             for uid_, peer in sorted(entry.peers.items()):
                 if user_id and uid_ != user_id:
                     continue
-                mine = [c for c in consumers if c.user_id == uid_]
-                own = [p for p in producers if p.user_id == uid_]
-                stats.participants.append(
-                    M.ParticipantMediaStats(
-                        participant_id=peer.participant_id,
-                        user_id=uid_,
-                        producer_count=len(own),
-                        consumer_count=len(mine),
-                        forwarded_frames=sum(c.sent_packets for c in mine),
-                        forwarded_bytes=sum(c.sent_bytes for c in mine),
-                        dropped_frames=sum(c.dropped_packets for c in mine),
-                        received_frames=sum(p.frames_in for p in own),
-                    )
+                row = rows.get(peer.id)
+                if row is None:
+                    continue
+                item = M.ParticipantMediaStats(
+                    participant_id=peer.participant_id,
+                    user_id=uid_,
+                    send_bitrate_bps=row.send_bitrate_bps,
+                    receive_bitrate_bps=row.receive_bitrate_bps,
+                    packets_lost=row.packets_lost,
+                    packet_loss_ratio=row.packet_loss_ratio,
+                    producer_count=row.producers,
+                    consumer_count=row.consumers,
+                    quality=_quality(row.packet_loss_ratio, row.rtt_seconds),
+                    forwarded_frames=row.forwarded_frames,
+                    forwarded_bytes=row.forwarded_bytes,
+                    dropped_frames=row.dropped_frames,
+                    received_frames=row.received_frames,
                 )
+                item.jitter.FromNanoseconds(int(row.jitter_seconds * 1e9))
+                item.round_trip_time.FromNanoseconds(int(row.rtt_seconds * 1e9))
+                stats.participants.append(item)
             out.append(stats)
-        return out
+        workers: list[M.WorkerStats] = []
+        if principal.role == "admin":
+            for backend in list(self.backends.values()):
+                with contextlib.suppress(ClassMeshError):
+                    for w in await backend.worker_stats():
+                        workers.append(
+                            M.WorkerStats(
+                                worker_id=w.worker_id,
+                                backend=_BACKEND_ENUM[backend.name],
+                                pid=w.pid,
+                                alive=w.alive,
+                                restarts=w.restarts,
+                                router_count=w.routers,
+                                peer_count=w.peers,
+                                producer_count=w.producers,
+                                consumer_count=w.consumers,
+                                forwarded_frames=w.forwarded_frames,
+                                forwarded_bytes=w.forwarded_bytes,
+                                dropped_frames=w.dropped_frames,
+                                received_frames=w.received_frames,
+                                connection_count=w.connections,
+                            )
+                        )
+        return out, workers
+
+
+def _quality(loss: float, rtt: float) -> Any:
+    """The grades of ConnectionQuality (RTT 0 = not measured yet)."""
+    if rtt == 0 and loss == 0:
+        return M.CONNECTION_QUALITY_UNSPECIFIED
+    if loss < 0.02 and rtt < 0.150:
+        return M.CONNECTION_QUALITY_EXCELLENT
+    if loss < 0.05 and rtt < 0.300:
+        return M.CONNECTION_QUALITY_GOOD
+    return M.CONNECTION_QUALITY_POOR
 
 
 def _check_sdp(desc: M.SessionDescription, expected: int, name: str) -> None:

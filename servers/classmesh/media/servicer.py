@@ -40,10 +40,10 @@ def _room(v: Validator, field: str, value: str) -> str:
 
 class MediaServicer(media_service_pb2_grpc.MediaServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
-        hooks.check_internals()
-        hooks.pin_ice_hosts([h.strip() for h in runtime.config.media_ice_hosts.split(",")])
+        hooks.check_internals()  # fail at start, not at the first call, if aiortc changed
         self.runtime = runtime
         self.service = MediaService(runtime)
+        self.service.start()  # media worker processes start with the service
         runtime.on_close(self.service.close_all)
 
     # ------------------------------------------------------------------ signaling
@@ -112,9 +112,11 @@ class MediaServicer(media_service_pb2_grpc.MediaServiceServicer):
         v.require_len("request_id", request.request_id, 1, 128)
         session_id = v.require_uuid("session_id", request.session_id)
         room_id = _room(v, "breakout_room_id", request.breakout_room_id)
-        v.require_enum("backend", request.backend, [0, 1])
+        v.require_enum("backend", request.backend, [0, 1, 2])
         v.raise_if_any()
-        entry, created = await self.service.create_router(principal, session_id, room_id)
+        entry, created = await self.service.create_router(
+            principal, session_id, room_id, backend=request.backend
+        )
         return R.CreateRouterResponse(router=entry.proto(), created=created)
 
     async def GetRouter(self, request: R.GetRouterRequest, context: _Ctx) -> R.GetRouterResponse:
@@ -253,8 +255,10 @@ class MediaServicer(media_service_pb2_grpc.MediaServiceServicer):
         room_id = _room(v, "breakout_room_id", request.breakout_room_id)
         v.require_len("user_id", request.user_id, 0, 128)
         v.raise_if_any()
-        routers = self.service.media_stats(principal, session_id, room_id or None, request.user_id)
-        return R.GetMediaStatsResponse(routers=routers)
+        routers, workers = await self.service.media_stats(
+            principal, session_id, room_id or None, request.user_id
+        )
+        return R.GetMediaStatsResponse(routers=routers, workers=workers)
 
 
 SERVICER_CLASS = MediaServicer

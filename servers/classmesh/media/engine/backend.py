@@ -24,6 +24,9 @@ track); the back-end binds it to the publisher connection's incoming track with 
 streams when they publish (Janus `configure`). A *consumer* is one peer's subscription to
 one producer, named by (peer_id, producer_id).
 
+The service creates the janus back-end (`classmesh.media.janus.backend.JanusBackend.
+from_config(config)`) when the first router asks for it.
+
 Back-end -> service. The service sets `events` (an async callback) before `start()`; the
 back-end calls `events(router_id, peer_id, event)` with one of:
 
@@ -214,6 +217,8 @@ class WorkerStatsData:
     forwarded_bytes: int = 0
     dropped_frames: int = 0
     received_frames: int = 0
+    #: Peer connections (publisher + subscriber) not closed yet: 0 once every router closed.
+    connections: int = 0
 
 
 # ---------------------------------------------------------------------- contract

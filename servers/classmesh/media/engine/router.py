@@ -1,14 +1,15 @@
-"""`MediaRouter` and its aiortc back-end: encoded-frame passthrough, one router per room.
+"""The forwarding core of one aiortc router (runs in a media worker): encoded-frame passthrough.
 
-A router owns producers (published tracks) and consumers (subscriptions). The aiortc
-back-end terminates each participant's two peer connections (publisher: the client offers;
-subscriber: the server offers) in this process. A publisher's reassembled encoded frames
+A router owns producers (published tracks) and consumers (subscriptions); the worker
+(engine/worker.py) terminates each participant's two peer connections (publisher: the
+client offers; subscriber: the server offers). A publisher's reassembled encoded frames
 (hooks.tap_receiver) become one `av.Packet` each (pts = RTP timestamp, time base 1/90000
 video, 1/48000 audio), shared by every consumer's `PassthroughTrack`; aiortc's sender only
 re-packetizes it. Nothing on this path decodes or encodes.
 
-Keyframes: a new (or resumed, or overflowed) video consumer drops frames until a VP8
-keyframe (bit 0 of the first payload byte clear) and asks the producer for one; subscriber
+Keyframes: a new (or resumed, or overflowed) video consumer drops frames until a keyframe
+(VP8: bit 0 of the first payload byte clear; H.264: an IDR or SPS NAL unit in the access
+unit) and asks the producer for one; subscriber
 PLI/FIR is forwarded to the publisher as RTCP PLI, at most once per `PLI_INTERVAL`.
 Each consumer queue is bounded: when full, a video consumer empties it and waits for the
 next keyframe; an audio consumer drops its oldest packet. Slow subscribers never slow the
@@ -24,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import av
 from aiortc import MediaStreamTrack, RTCPeerConnection
@@ -36,9 +37,10 @@ from classmesh.media.engine import hooks
 __all__ = [
     "AiortcRouter",
     "Consumer",
-    "MediaRouter",
     "PassthroughTrack",
     "Producer",
+    "is_h264_keyframe",
+    "is_keyframe",
     "is_vp8_keyframe",
 ]
 
@@ -53,6 +55,27 @@ AUDIO_TIME_BASE = fractions.Fraction(1, 48000)
 def is_vp8_keyframe(data: bytes) -> bool:
     """A VP8 frame is a keyframe when bit 0 of its first byte is clear (RFC 6386 9.1)."""
     return bool(data) and not data[0] & 0x01
+
+
+#: H.264 NAL unit types that start a decodable picture: IDR slice (5), SPS (7).
+_H264_KEY_NALS = frozenset({5, 7})
+
+
+def is_h264_keyframe(data: bytes) -> bool:
+    """An Annex-B access unit (aiortc's depayloader output, 00 00 01 / 00 00 00 01 start
+    codes) is a keyframe when one of its NAL units is an IDR slice or an SPS."""
+    i = data.find(b"\x00\x00\x01")
+    while 0 <= i < len(data) - 3:
+        if data[i + 3] & 0x1F in _H264_KEY_NALS:
+            return True
+        i = data.find(b"\x00\x00\x01", i + 3)
+    return False
+
+
+def is_keyframe(mime_type: str, data: bytes) -> bool:
+    if mime_type.lower() == "video/h264":
+        return is_h264_keyframe(data)
+    return is_vp8_keyframe(data)
 
 
 class PassthroughTrack(MediaStreamTrack):
@@ -87,7 +110,7 @@ class Consumer:
 
     id: str
     producer: Producer
-    user_id: str
+    peer_id: str
     track: PassthroughTrack
     paused: bool = False
     #: Audio-only mode: a video consumer forwards nothing.
@@ -144,8 +167,7 @@ class Producer:
 
     id: str
     kind: str  # "audio" | "video"
-    user_id: str
-    participant_id: str
+    peer_id: str
     client_track_id: str
     mime_type: str
     receiver: RTCRtpReceiver | None = None
@@ -168,7 +190,7 @@ class Producer:
         self.ssrc = ssrc
         self.frames_in += 1
         self.bytes_in += len(data)
-        keyframe = self.kind == "video" and is_vp8_keyframe(data)
+        keyframe = self.kind == "video" and is_keyframe(self.mime_type, data)
         if keyframe:
             self.keyframes_in += 1
         if not self.forwarding or not self.consumers:
@@ -205,26 +227,8 @@ class Producer:
             consumer.close()
 
 
-class MediaRouter(Protocol):
-    """The forwarding unit of one room, whatever the back-end."""
-
-    id: str
-    backend: str
-    producers: dict[str, Producer]
-
-    def new_peer_connection(self) -> RTCPeerConnection: ...
-
-    def add_producer(self, producer: Producer) -> None: ...
-
-    def remove_producer(self, producer_id: str) -> Producer | None: ...
-
-    def consume(self, producer_id: str, user_id: str, *, audio_only: bool = False) -> Consumer: ...
-
-    async def close(self) -> None: ...
-
-
 class AiortcRouter:
-    """aiortc back-end of `MediaRouter` (passthrough, in this process's event loop)."""
+    """One room's producers and consumers (passthrough, in the worker's event loop)."""
 
     backend = "aiortc"
 
@@ -259,12 +263,12 @@ class AiortcRouter:
             producer.close()
         return producer
 
-    def consume(self, producer_id: str, user_id: str, *, audio_only: bool = False) -> Consumer:
+    def consume(self, producer_id: str, peer_id: str, *, audio_only: bool = False) -> Consumer:
         producer = self.producers[producer_id]
         consumer = Consumer(
             id=str(uuid.uuid4()),
             producer=producer,
-            user_id=user_id,
+            peer_id=peer_id,
             track=PassthroughTrack(producer.kind, self.queue_size),
             audio_only=audio_only,
             waiting_keyframe=producer.kind == "video",

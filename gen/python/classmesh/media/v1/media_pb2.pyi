@@ -1563,6 +1563,7 @@ class WorkerStats(_message.Message):
     FORWARDED_BYTES_FIELD_NUMBER: _builtins.int
     DROPPED_FRAMES_FIELD_NUMBER: _builtins.int
     RECEIVED_FRAMES_FIELD_NUMBER: _builtins.int
+    CONNECTION_COUNT_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Worker id, e.g. "aiortc-0", 1-128 characters (Router.node_id of its routers)."""
     backend: Global___MediaBackend.ValueType
@@ -1589,6 +1590,8 @@ class WorkerStats(_message.Message):
     """Frames dropped for consumers (keyframe wait, full queue)."""
     received_frames: _builtins.int
     """Encoded frames received from producers."""
+    connection_count: _builtins.int
+    """Peer connections (publisher + subscriber) on it not closed yet; 0 when it hosts nothing."""
     def __init__(
         self,
         *,
@@ -1605,10 +1608,11 @@ class WorkerStats(_message.Message):
         forwarded_bytes: _builtins.int = ...,
         dropped_frames: _builtins.int = ...,
         received_frames: _builtins.int = ...,
+        connection_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "backend", b"backend", "consumer_count", b"consumer_count", "dropped_frames", b"dropped_frames", "forwarded_bytes", b"forwarded_bytes", "forwarded_frames", b"forwarded_frames", "peer_count", b"peer_count", "pid", b"pid", "producer_count", b"producer_count", "received_frames", b"received_frames", "restarts", b"restarts", "router_count", b"router_count", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "backend", b"backend", "connection_count", b"connection_count", "consumer_count", b"consumer_count", "dropped_frames", b"dropped_frames", "forwarded_bytes", b"forwarded_bytes", "forwarded_frames", b"forwarded_frames", "peer_count", b"peer_count", "pid", b"pid", "producer_count", b"producer_count", "received_frames", b"received_frames", "restarts", b"restarts", "router_count", b"router_count", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

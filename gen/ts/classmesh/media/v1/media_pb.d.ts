@@ -1636,6 +1636,13 @@ export declare type WorkerStats = Message<"classmesh.media.v1.WorkerStats"> & {
    * @generated from field: int64 received_frames = 13;
    */
   receivedFrames: bigint;
+
+  /**
+   * Peer connections (publisher + subscriber) on it not closed yet; 0 when it hosts nothing.
+   *
+   * @generated from field: int32 connection_count = 14;
+   */
+  connectionCount: number;
 };
 
 /**
