@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 BUF := node_modules/.bin/buf
 
-.PHONY: venv system-deps gen gen-files gen-check web lint test test-only run bench clean
+.PHONY: venv system-deps gen gen-files gen-check web lint test test-only test-gateway-node run bench clean
 
 venv: $(STAMP) $(NPM_STAMP)
 
@@ -62,6 +62,12 @@ test: venv system-deps gen-check lint test-only
 
 test-only: venv system-deps web
 	$(BIN)/pytest -q
+
+# The Connect-ES suite (tests/node/, node --test) against a fresh `classmesh up` and its
+# grpc-web gateway: pytest starts the mesh and runs Node, so `test-only` (the whole pytest
+# run) already includes it; this target runs it alone.
+test-gateway-node: venv
+	$(BIN)/pytest -q tests/e2e/test_gateway.py -k node_suite
 
 run: venv web
 	$(BIN)/classmesh up
