@@ -3,22 +3,32 @@ admitted, guests included, RTCPeerConnection ICE servers with time-limited cotur
 credentials that verify against the shared secret; none without TURN configuration.
 
 The credentials are checked the way coturn checks them: HMAC-SHA1 of the username with the
-secret, recomputed here, and the expiry in the username.
+secret, recomputed here, and the expiry in the username; and by a real coturn (Debian's
+`turnserver`, installed by tools/system_deps.sh) running the shipped configuration
+deploy/k8s/turnserver.conf on loopback: it grants a relay allocation for the join's
+credentials and refuses a forged or expired one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
+import shutil
+import socket
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
+from aioice import stun, turn
 
 from classmesh.media.v1 import media_pb2
 from classmesh.session.v1 import session_pb2, session_service_pb2
 from classmesh_sdk import ClassMeshClient
+from tests.conftest import ROOT
 from tests.support.classroom import Mesh, classroom_mesh, live_class, uid
 
 S = session_pb2
@@ -31,6 +41,7 @@ TURN = [
 ]
 TURNS = ["turns:turn.example.test:5349?transport=tcp"]
 LOBBY = S.SessionSettings(lobby_enabled=True, allow_guests=True, chat_enabled=True)
+TURNSERVER_CONF = ROOT / "deploy" / "k8s" / "turnserver.conf"
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +161,95 @@ async def test_without_turn_configuration_the_list_is_empty(plain_mesh: Mesh) ->
     assert inst.DESCRIPTOR.fields_by_name["ice_servers"].message_type is (
         media_pb2.IceServer.DESCRIPTOR
     )
+
+
+# ------------------------------------------------------------------------ a real coturn
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def coturn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """coturn with the shipped config; only what a loopback test needs is overridden
+    (address, port, no TLS certificate, files in a temporary directory)."""
+    exe = shutil.which("turnserver")
+    assert exe, "coturn's turnserver is missing: tools/system_deps.sh installs it"
+    work: Path = tmp_path_factory.mktemp("coturn")
+    port = _free_udp_port()
+    proc = subprocess.Popen(
+        [
+            exe,
+            "-c",
+            str(TURNSERVER_CONF),
+            f"--static-auth-secret={SECRET}",
+            f"--listening-port={port}",
+            "--listening-ip=127.0.0.1",
+            "--relay-ip=127.0.0.1",
+            "--no-tls",
+            "--no-dtls",
+            f"--pidfile={work / 'turnserver.pid'}",
+            f"--userdb={work / 'turndb'}",
+            f"--log-file={work / 'turnserver.log'}",
+            "--no-stdout-log",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield "127.0.0.1", port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+async def _allocate(server: tuple[str, int], username: str, credential: str) -> tuple[str, int]:
+    """A TURN Allocate with long-term credentials (what a browser does); the relayed address."""
+    transport, _ = await asyncio.wait_for(
+        turn.create_turn_endpoint(asyncio.DatagramProtocol, server, username, credential), 10
+    )
+    try:
+        relayed = transport.get_extra_info("sockname")
+        return str(relayed[0]), int(relayed[1])
+    finally:
+        transport.close()
+
+
+async def test_coturn_with_the_shipped_config_accepts_join_credentials(
+    turn_mesh: Mesh, coturn: tuple[str, int]
+) -> None:
+    klass = await live_class(turn_mesh, settings=LOBBY)
+    student = turn_mesh.client(uid("student"))
+    resp = await student.sessions.join_session(session_id=klass.id)
+    assert resp.status == S.PARTICIPANT_STATUS_LOBBY
+    relay = resp.ice_servers[1]
+    assert relay.urls[0].startswith("turn:")
+    # coturn may still be starting: the first allocation gets a few tries.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            relayed = await _allocate(coturn, relay.username, relay.credential)
+            break
+        except (TimeoutError, ConnectionError, stun.TransactionTimeout):
+            assert time.monotonic() < deadline, "coturn did not answer"
+            await asyncio.sleep(0.2)
+    assert relayed[0] == "127.0.0.1" and relayed[1] > 0
+    # A credential made with another secret, and an expired username, are refused.
+    forged = base64.b64encode(
+        hmac.new(b"another secret", relay.username.encode(), hashlib.sha1).digest()
+    ).decode()
+    with pytest.raises(stun.TransactionFailed, match="401"):
+        await _allocate(coturn, relay.username, forged)
+    expired = f"{int(time.time()) - 5}:{resp.participant.user_id}"
+    signed = base64.b64encode(
+        hmac.new(SECRET.encode(), expired.encode(), hashlib.sha1).digest()
+    ).decode()
+    with pytest.raises(stun.TransactionFailed, match="401"):
+        await _allocate(coturn, expired, signed)
