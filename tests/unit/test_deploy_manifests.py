@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from classmesh.core.server import SERVICES
+from classmesh.gateway import parse_upstreams
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 SERVES = {*SERVICES, "gateway"}
@@ -63,11 +64,15 @@ def test_deployment_shape(name: str) -> None:
     env = {e["name"]: e for e in container.get("env", [])}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     refs = [s["secretRef"]["name"] for s in container.get("envFrom", [])]
-    assert "classmesh-backends" in refs
     if name == "gateway":
+        # No database or Redis; every service reached at its own Service.
         assert env["CLASSMESH_GATEWAY_LISTEN"]["value"] == "0.0.0.0:8080"
         assert ports == {"http": 8080}
+        assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+        upstreams = parse_upstreams(env["CLASSMESH_GATEWAY_UPSTREAMS"]["value"], SERVICES)
+        assert upstreams == {short: f"classmesh-{short}:50051" for short in SERVICES}
         return
+    assert "classmesh-backends" in refs
     listen = env["CLASSMESH_LISTEN"]["value"]
     assert ports == {"grpc": int(listen.rsplit(":", 1)[1])}
     # Readiness is the service's own health status (registered per service name).
