@@ -32,7 +32,10 @@ from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
 from classmesh.core.errors import Unavailable
+from classmesh.media.engine.backend import RouterRestarted
 from classmesh.media.janus.backend import JanusBackend
+from classmesh.media.janus.client import map_error
+from classmesh.media.janus.sdp import media_sections
 from classmesh.media.v1 import media_pb2
 from classmesh_sdk import MediaSession
 from tests.support.classroom import Mesh, classroom_mesh, live_class, open_breakout_room
@@ -478,3 +481,65 @@ def test_no_namespaces_fails_with_the_reason() -> None:
         assert ns.name in listed
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert ns.name not in listed
+
+
+async def test_janus_restart_reopens_its_routers(tmp_path: Path) -> None:
+    """Janus crashes and comes back (it knows none of our rooms): the back-end opens a new
+    session, re-creates every open room empty and tells the service (RouterRestarted)."""
+    with janus_in_netns(tmp_path) as server:
+        backend = JanusBackend(server.url, timeout=3)
+        got: asyncio.Queue[tuple[str, str, Any]] = asyncio.Queue()
+
+        async def events(router_id: str, peer_id: str, event: Any) -> None:
+            await got.put((router_id, peer_id, event))
+
+        backend.events = events
+        await backend.start()
+        try:
+            router = str(uuid.uuid4())
+            await backend.open_router(router)
+            await backend.add_peer(router, "p1")
+            await asyncio.to_thread(server.restart)
+            router_id, peer_id, event = await asyncio.wait_for(got.get(), 20)
+            assert isinstance(event, RouterRestarted)
+            assert (router_id, peer_id) == (router, "")
+            assert backend.rooms[router].peers == {}
+            exists = await backend.client.message(
+                backend._control, {"request": "exists", "room": router}
+            )
+            assert exists.data["exists"] is True
+        finally:
+            await backend.close()
+
+
+CHROME_OFFER = """v=0
+o=- 1 2 IN IP4 127.0.0.1
+s=-
+t=0 0
+a=group:BUNDLE 0 1
+m=audio 9 UDP/TLS/RTP/SAVPF 111
+a=mid:0
+a=sendonly
+a=msid:stream audio-track
+m=video 9 UDP/TLS/RTP/SAVPF 96
+a=mid:1
+a=sendonly
+a=msid:stream video-track
+a=rid:h send
+a=rid:m send
+a=rid:l send
+a=simulcast:send h;m;l
+"""
+
+
+def test_publisher_offer_sections_and_error_mapping() -> None:
+    sections = media_sections(CHROME_OFFER)
+    assert [(s.kind, s.mid, s.track_id, s.direction, s.rids) for s in sections] == [
+        ("audio", "0", "audio-track", "sendonly", ()),
+        ("video", "1", "video-track", "sendonly", ("h", "m", "l")),
+    ]
+    assert map_error(426, "No such room", what="r1").reason == "ROUTER_NOT_FOUND"
+    assert map_error(428, "No such feed").reason == "TRACK_NOT_FOUND"
+    assert map_error(465, "bad SDP").reason == "SDP_INVALID"
+    assert isinstance(map_error(458, "No such session"), Unavailable)
+    assert map_error(490, "something else").reason == "MEDIA_UNAVAILABLE"

@@ -41,6 +41,7 @@ class JanusServer:
     admin_url: str
     admin_secret: str
     log_path: Path
+    conf_dir: Path
 
     @property
     def pid(self) -> int:
@@ -55,6 +56,25 @@ class JanusServer:
             "CLASSMESH_JANUS_ADMIN_URL": self.admin_url,
             "CLASSMESH_JANUS_ADMIN_SECRET": self.admin_secret,
         }
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def restart(self, *, kill: bool = True) -> None:
+        """Stop Janus (SIGKILL: a crash) and start it again with the same configuration:
+        a new Janus that knows none of the old sessions, rooms or handles."""
+        if kill and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.stop()
+        self.proc = _spawn(self.netns, self.conf_dir, self.log_path)
+        _wait_ready(self)
 
     def log_tail(self, lines: int = 60) -> str:
         if not self.log_path.exists():
@@ -77,7 +97,7 @@ def janus_in_netns(workdir: Path, *, debug_level: int = 4) -> Iterator[JanusServ
     with private_netns() as ns:
         secret = secrets.token_hex(12)
         conf_dir = workdir / "janus-conf"
-        jcfg = render_config(
+        render_config(
             conf_dir,
             JanusConfig(
                 http_ip=ns.inside_ip,
@@ -87,37 +107,39 @@ def janus_in_netns(workdir: Path, *, debug_level: int = 4) -> Iterator[JanusServ
             ),
         )
         log_path = workdir / "janus.log"
-        log = open(log_path, "wb")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen(
-            ns.argv([JANUS_BIN, "-F", str(conf_dir), "-C", str(jcfg), "-o"]),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
         server = JanusServer(
             netns=ns,
-            proc=proc,
+            proc=_spawn(ns, conf_dir, log_path),
             url=f"http://{ns.inside_ip}:8088/janus",
             admin_url=f"http://{ns.inside_ip}:7088/admin",
             admin_secret=secret,
             log_path=log_path,
+            conf_dir=conf_dir,
         )
         try:
-            deadline = time.monotonic() + 20
-            while not _answers(server.url):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"Janus did not start in namespace {ns.name} "
-                        f"(exit {proc.poll()}):\n{server.log_tail()}"
-                    )
-                time.sleep(0.1)
+            _wait_ready(server)
             yield server
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
-            log.close()
+            server.stop()
+
+
+def _spawn(ns: Netns, conf_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            ns.argv([JANUS_BIN, "-F", str(conf_dir), "-C", str(conf_dir / "janus.jcfg"), "-o"]),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _wait_ready(server: JanusServer) -> None:
+    deadline = time.monotonic() + 20
+    while not _answers(server.url):
+        if server.proc.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(
+                f"Janus did not start in namespace {server.netns.name} "
+                f"(exit {server.proc.poll()}):\n{server.log_tail()}"
+            )
+        time.sleep(0.1)

@@ -317,6 +317,11 @@ class JanusClient:
             async with self._http.request(
                 method, url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as response:
+                if response.status == 404 and method == "GET":
+                    # A long poll on a session this Janus does not know (it restarted).
+                    raise JanusSessionLost(
+                        "MEDIA_UNAVAILABLE", 1.0, f"Janus at {self.url} does not know {url}"
+                    )
                 if response.status >= 500:
                     raise Unavailable(
                         "MEDIA_UNAVAILABLE",
@@ -344,9 +349,13 @@ class JanusClient:
                 answer = await self._request("GET", url, None, POLL_TIMEOUT)
             except asyncio.CancelledError:
                 raise
+            except JanusSessionLost:
+                await self._session_lost()
+                return
             except Unavailable as exc:
                 failures += 1
-                log.warning("Janus long poll failed", extra={"detail": exc.message})
+                if failures == 1:
+                    log.warning("Janus long poll failed", extra={"detail": exc.message})
                 # Janus drops the session after 60 s without us: past that, start over.
                 if failures * 2 > 60:
                     await self._session_lost()
