@@ -294,6 +294,8 @@ async def test_two_browser_students_lobby_chat_poll_and_media(
             teacher_media = MediaSession(inst, sid, ice_hosts=LOOPBACK)
             await teacher_media.start()
             (video_track,) = await teacher_media.publish(Pattern())
+            clock = asyncio.get_running_loop().time
+            t0 = clock()
             await a.click("watch-media")
             seen = await a.wait(
                 FRAMES,
@@ -301,6 +303,7 @@ async def test_two_browser_students_lobby_chat_poll_and_media(
                 timeout=30,
                 what="decoded frames of the teacher's video",
             )
+            print(f"figure: Ada's first decoded teacher frame {clock() - t0:.2f} s after the click")
             assert (seen["width"], seen["height"]) == (320, 240), seen
             assert seen["user"] == teacher, seen
             before = seen["frames"]
@@ -312,6 +315,7 @@ async def test_two_browser_students_lobby_chat_poll_and_media(
             )
 
             # --- media: Bob's fake camera decoded by the teacher's aiortc peer
+            t0 = clock()
             await b.click("publish-camera")
             await b.wait(
                 "return document.getElementById('publish-state').dataset.tracks || '';",
@@ -339,6 +343,7 @@ async def test_two_browser_students_lobby_chat_poll_and_media(
             remote = await teacher_media.next_remote_track(timeout=15)
             assert remote.kind == "video"
             frame = await asyncio.wait_for(remote.recv(), 20)
+            print(f"figure: teacher's first decoded frame of Bob's camera {clock() - t0:.2f} s")
             assert isinstance(frame, VideoFrame)
             assert frame.width > 0 and frame.height > 0
             for _ in range(5):
@@ -349,11 +354,21 @@ async def test_two_browser_students_lobby_chat_poll_and_media(
             assert 160 <= frame.width <= 640, (frame.width, frame.height)
             assert video_track.user_id == teacher
 
-            # Nothing on the pages failed.
+            # ICE trickled from the browsers (the server accepted every candidate).
+            ada_ice = await a.js("return window.classmesh.media.candidates;")
+            bob_ice = await b.js("return window.classmesh.media.candidates;")
+            assert ada_ice["sent"]["subscriber"] > 0, ada_ice
+            assert bob_ice["sent"]["publisher"] > 0, bob_ice
+            assert ada_ice["failed"] == bob_ice["failed"] == {"publisher": 0, "subscriber": 0}
+
+            # Nothing on the pages failed: no error shown, no error in the console.
             for br in (a, b):
                 assert await br.js("return document.getElementById('error').hidden"), (
                     await br.texts("error")
                 )
+                await asyncio.to_thread(br.collect_console)
+                severe = [e for e in br.console if e.get("level") == "SEVERE"]
+                assert not severe, (br.name, severe)
     finally:
         if teacher_media is not None:
             await teacher_media.close()

@@ -211,7 +211,7 @@ class Browser:
     def collect_console(self) -> list[dict[str, Any]]:
         """Console entries since the last call (kept in `self.console` too)."""
         try:
-            fresh: list[dict[str, Any]] = self.driver.get_log("browser")
+            fresh: list[dict[str, Any]] = self.driver.get_log("browser")  # type: ignore[no-untyped-call]
         except WebDriverException:
             fresh = []
         self.console.extend(fresh)

@@ -114,6 +114,11 @@ export class MediaSession {
   readonly signals: ServerSignal[] = [];
   /** The error the signal stream ended with, if any. */
   error: ClassMeshError | undefined;
+  /** Local ICE candidates the server accepted, and ones it refused or that were lost. */
+  readonly candidates = {
+    sent: { publisher: 0, subscriber: 0 },
+    failed: { publisher: 0, subscriber: 0 },
+  };
   closed = false;
 
   private readonly options: MediaSessionOptions;
@@ -449,6 +454,7 @@ export class MediaSession {
     if (this.closed) {
       return;
     }
+    const real = candidate !== null && candidate.candidate !== "";
     try {
       await this.request({
         case: "iceCandidate",
@@ -463,7 +469,11 @@ export class MediaSession {
                 target: TARGET[target],
               },
       });
+      if (real) {
+        this.candidates.sent[target] += 1;
+      }
     } catch (err) {
+      this.candidates.failed[target] += 1;
       console.warn("ICE candidate not delivered", err);
     }
   }
