@@ -23,8 +23,6 @@ export interface ClassMeshClientOptions {
   baseUrl: string;
   /** Access token (JWT) sent as `Authorization: Bearer <token>`; empty = anonymous. */
   token?: TokenSource;
-  /** grpc-web binary (default) or the JSON format. */
-  useBinaryFormat?: boolean;
   /** Interceptors run after the auth and request-id interceptors. */
   interceptors?: Interceptor[];
   /** Default deadline of every call in milliseconds (streams too); unset = none. */
@@ -91,7 +89,8 @@ export function createClassMeshClient(options: ClassMeshClientOptions): ClassMes
   let token: TokenSource = options.token;
   const transport = createGrpcWebTransport({
     baseUrl: options.baseUrl,
-    useBinaryFormat: options.useBinaryFormat ?? true,
+    // The gateway forwards protobuf bytes as they are and never transcodes JSON.
+    useBinaryFormat: true,
     interceptors: [bearerAuth(() => token), requestIds(), ...(options.interceptors ?? [])],
     ...(options.defaultTimeoutMs !== undefined
       ? { defaultTimeoutMs: options.defaultTimeoutMs }
