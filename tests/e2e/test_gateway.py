@@ -15,12 +15,14 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import struct
 import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import grpc
@@ -32,6 +34,7 @@ from classmesh.events.v1 import events_pb2
 from classmesh.session.v1 import session_service_pb2 as session_pb2
 from tests.conftest import ROOT
 from tests.e2e.test_session_lifecycle import SessionMesh, live_class, session_mesh
+from tests.support.mesh import start_mesh
 
 ALLOWED_ORIGIN = "http://classroom.example"
 GET_TENANT = "/classmesh.admin.v1.AdminService/GetTenant"
@@ -537,6 +540,42 @@ async def test_bad_requests_get_clean_errors_and_the_gateway_keeps_serving(
         assert (await resp.text()).startswith("ok")
     good = await post(http, url, GET_TENANT, frame(b""), token=token)
     assert good.code == 0 and len(good.messages) == 1
+
+
+async def test_serve_gateway_alone_routes_each_service_to_its_upstream(
+    gm: SessionMesh, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """`classmesh serve gateway`: AdminService goes to the mesh (CLASSMESH_GATEWAY_UPSTREAMS),
+    every other service to CLASSMESH_PEER_TARGET, here a port nobody listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    proc = start_mesh(
+        {
+            "CLASSMESH_GATEWAY_UPSTREAMS": f"admin={gm.target}",
+            "CLASSMESH_PEER_TARGET": dead,
+        },
+        str(tmp_path / "gateway.stderr"),
+        "serve",
+        "gateway",
+    )
+    try:
+        await asyncio.to_thread(proc.wait_ready, 30)
+        assert proc.gateway.startswith("http://127.0.0.1:") and "ready: gateway" in proc.lines
+        token = gm.token("admin-gw", "admin")
+        ok = await post(http, proc.gateway, GET_TENANT, frame(b""), token=token)
+        assert ok.code == 0 and len(ok.messages) == 1, ok
+        body = session_pb2.GetSessionRequest(session_id=str(uuid.uuid4())).SerializeToString()
+        down = await post(http, proc.gateway, GET_SESSION, frame(body), token=token)
+        assert down.http_status == 200
+        assert down.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert down.error_info().reason == "UNAVAILABLE"
+        async with http.get(proc.gateway + "/healthz") as resp:
+            text = await resp.text()
+        assert gm.target in text and dead in text
+        assert await asyncio.to_thread(proc.terminate, 10.0) == 0
+    finally:
+        proc.kill()
 
 
 def _node_available() -> str:

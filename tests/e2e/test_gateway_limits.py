@@ -12,6 +12,7 @@ streams cleanly, and the static files are served without directory traversal.
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import struct
 import time
@@ -42,6 +43,7 @@ class Upstream:
     sent: dict[str, int] = field(default_factory=dict)
     cancelled: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
+    request_metadata: list[dict[str, str | bytes]] = field(default_factory=list)
 
     def handler(self) -> grpc.GenericRpcHandler:
         up = self
@@ -77,6 +79,10 @@ class Upstream:
                 up.cancelled.append("quiet")
 
         async def echo(request: bytes, context: Any) -> bytes:
+            got = dict(context.invocation_metadata() or ())
+            up.request_metadata.append(got)
+            await context.send_initial_metadata((("x-upstream", "yes"), ("x-blob-bin", b"\0\1")))
+            context.set_trailing_metadata((("x-trail", "t1"), ("x-raw-bin", b"\xff\xfe")))
             return request
 
         handlers = {
@@ -300,3 +306,30 @@ async def test_static_files_without_traversal(
         assert text.startswith("ok") and upstream.target in text
         async with http.delete(gw.url + ECHO) as resp:
             assert resp.status == 405
+
+
+async def test_metadata_both_ways_with_binary_values(
+    upstream: Upstream, make_gateway: GatewayFactory
+) -> None:
+    gw = await make_gateway()
+    headers = {
+        "x-custom": "abc",
+        "x-trace-bin": base64.b64encode(b"\0\xff").decode().rstrip("="),
+        "authorization": "Bearer t0k",
+        "cookie": "session=secret",
+        "x-user-agent": "grpc-web-javascript/0.1",
+        "grpc-timeout": "5S",
+    }
+    async with aiohttp.ClientSession() as http:
+        reply = await post(http, gw.url, ECHO, frame(b"hi"), headers=headers)
+    assert reply.code == 0 and reply.messages == [b"hi"]
+    got = upstream.request_metadata[-1]
+    assert got["x-custom"] == "abc"
+    assert got["x-trace-bin"] == b"\0\xff"
+    assert got["authorization"] == "Bearer t0k"
+    assert "cookie" not in got and "x-user-agent" not in got and "x-grpc-web" not in got
+    # Initial metadata -> HTTP headers, trailing metadata -> trailer frame (-bin as base64).
+    assert reply.headers["x-upstream"] == "yes"
+    assert base64.b64decode(reply.headers["x-blob-bin"]) == b"\0\1"
+    assert reply.trailers["x-trail"] == "t1"
+    assert base64.b64decode(reply.trailers["x-raw-bin"]) == b"\xff\xfe"
