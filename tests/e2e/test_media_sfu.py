@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiortc import AudioStreamTrack
+from aiortc import AudioStreamTrack, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 
@@ -279,13 +279,19 @@ async def test_routers_tracks_capabilities_stats_and_turn(mesh: Mesh) -> None:
         )
         assert [t.id for t in second.tracks] == [published[1].id]
         assert not second.next_page_token
-        # Capabilities: VP8 + Opus only (passthrough never transcodes), aiortc's extensions.
+        # Capabilities: Opus, VP8, H.264 (passthrough never transcodes), aiortc's extensions.
         caps = await klass.students[b].media.get_router_capabilities(session_id=klass.id)
         assert caps.router_id == router.id
         assert [(c.mime_type, c.clock_rate) for c in caps.capabilities.codecs] == [
             ("audio/opus", 48000),
             ("video/VP8", 90000),
+            ("video/H264", 90000),
+            ("video/H264", 90000),
         ]
+        assert {c.parameters["profile-level-id"] for c in caps.capabilities.codecs[2:]} == {
+            "42001f",
+            "42e01f",
+        }
         assert "nack pli" in caps.capabilities.codecs[1].rtcp_feedback
         uris = {e.uri for e in caps.capabilities.header_extensions}
         assert "urn:ietf:params:rtp-hdrext:sdes:mid" in uris
@@ -444,3 +450,85 @@ async def test_move_main_breakout_main(mesh: Mesh) -> None:
     finally:
         await room_pub.close()
         await main_pub.close()
+
+
+async def test_h264_passthrough(mesh: Mesh) -> None:
+    """H.264 is forwarded as it arrives (never decoded; a new consumer starts on a keyframe
+    found by NAL type) and subscribers are offered exactly the publisher's codec."""
+    klass = await live_class(mesh, students=3)
+    a, b, c = list(klass.students)
+    pub = MediaSession(klass.inst, klass.id, ice_hosts=LOOPBACK)
+    subs: list[MediaSession] = []
+    try:
+        await pub.start()
+        published = await pub.publish(Pattern(), AudioStreamTrack(), video_codec="video/H264")
+        assert {t.mime_type for t in published} == {"video/H264", "audio/opus"}
+        sub, remote = await _subscriber(klass.students[a], klass.id)
+        subs.append(sub)
+        for _ in range(5):
+            frame = await video_frame(remote["video"], 5)
+            assert (frame.width, frame.height) == (640, 360)
+        offer = next(s.offer.sdp for s in sub.signals if s.WhichOneof("message") == "offer")
+        video = offer[offer.index("m=video") :]
+        assert "H264/90000" in video and "VP8/90000" not in video
+        await asyncio.sleep(1)
+        late, late_remote = await _subscriber(klass.students[b], klass.id)
+        subs.append(late)
+        t0 = time.monotonic()
+        frame = await video_frame(late_remote["video"], 2.5)
+        assert (frame.width, frame.height) == (640, 360) and time.monotonic() - t0 < 2.5
+        stats = (await klass.inst.media.get_media_stats(session_id=klass.id)).routers
+        assert stats[0].forwarded_frames > 0
+        # A publisher that offers only H.264 without asking for a codec gets H.264.
+        h264_only = MediaSession(klass.students[c], klass.id, ice_hosts=LOOPBACK)
+        subs.append(h264_only)
+        await h264_only.start()
+        camera = Pattern()
+        accepted = await h264_only.request(
+            publish={"client_track_id": camera.id, "kind": "TRACK_KIND_VIDEO"}
+        )
+        assert accepted.publish_accepted.track.mime_type == "video/VP8"  # before the offer
+        h264_only.pub_pc.addTrack(camera)
+        (transceiver,) = h264_only.pub_pc.getTransceivers()
+        transceiver.setCodecPreferences(
+            [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == "video/H264"]
+        )
+        await h264_only.pub_pc.setLocalDescription(await h264_only.pub_pc.createOffer())
+        answer = await h264_only.request(
+            offer={
+                "type": "SDP_TYPE_OFFER",
+                "sdp": h264_only.pub_pc.localDescription.sdp,
+                "target": "PEER_CONNECTION_TARGET_PUBLISHER",
+            }
+        )
+        assert "H264/90000" in answer.answer.sdp and "VP8/90000" not in answer.answer.sdp
+        listed = (await klass.inst.media.list_tracks(session_id=klass.id)).tracks
+        mine = next(t for t in listed if t.id == accepted.publish_accepted.track.id)
+        assert mine.mime_type == "video/H264"
+        await h264_only.pub_pc.setRemoteDescription(
+            RTCSessionDescription(sdp=answer.answer.sdp, type="answer")
+        )
+        await sub.wait_tracks(3)
+        await sub.subscribe([mine.id])
+        third = await sub.next_remote_track(timeout=10)
+        frame = await video_frame(third, 5)
+        assert (frame.width, frame.height) == (640, 360)
+        # A codec the back-end cannot forward is refused with the reason and what it can.
+        resp = await klass.inst.media.send_signal(
+            request_id=uid("r"),
+            signal={
+                "signal_id": "vp9",
+                "session_id": klass.id,
+                "publish": {
+                    "client_track_id": "t9",
+                    "kind": "TRACK_KIND_VIDEO",
+                    "preferred_codec": "video/VP9",
+                },
+            },
+        )
+        assert resp.reply.error.code == 3 and _reason(resp.reply.error) == "CODEC_NOT_SUPPORTED"
+        assert "video/VP8, video/H264" in resp.reply.error.message
+    finally:
+        for s in subs:
+            await s.close()
+        await pub.close()

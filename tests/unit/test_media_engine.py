@@ -62,3 +62,29 @@ async def test_forwarding_hands_av_packets_and_gates_on_keyframes() -> None:
     assert consumer.track.queue.qsize() <= 4 and consumer.waiting_keyframe
     assert is_vp8_keyframe(b"\x00") and not is_vp8_keyframe(b"\x01")
     await router.close()
+
+
+def test_h264_keyframes_found_by_nal_type_as_the_encoder_marks_them() -> None:
+    """libx264 output (Annex-B, what aiortc's depayloader rebuilds): IDR/SPS access units are
+    keyframes, every other one is not."""
+    import fractions
+
+    from classmesh.media.engine.router import is_h264_keyframe, is_keyframe
+
+    codec = av.CodecContext.create("libx264", "w")
+    codec.width, codec.height, codec.pix_fmt = 320, 180, "yuv420p"
+    codec.time_base = fractions.Fraction(1, 30)
+    codec.gop_size = 10
+    codec.options = {"tune": "zerolatency"}
+    seen = {True: 0, False: 0}
+    for i in range(40):
+        frame = av.VideoFrame(width=320, height=180, format="yuv420p")
+        frame.planes[0].update(bytes([(i * 9) % 250]) * (frame.planes[0].line_size * 180))
+        frame.pts = i
+        for packet in codec.encode(frame):
+            data = bytes(packet)
+            assert is_h264_keyframe(data) == packet.is_keyframe, i
+            assert is_keyframe("video/H264", data) == packet.is_keyframe
+            seen[packet.is_keyframe] += 1
+    assert seen[True] >= 3 and seen[False] >= 30
+    assert not is_h264_keyframe(b"") and not is_h264_keyframe(b"\x00\x00\x01")

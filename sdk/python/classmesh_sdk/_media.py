@@ -86,7 +86,7 @@ class MediaSession:
         #: Renegotiations after the server's media worker failed (MediaRestarted), completed.
         self.restarts = 0
         #: Local tracks published, and subscriptions (track id -> audio_only), to redo them.
-        self._local: list[Any] = []
+        self._local: list[tuple[Any, str]] = []  # (track, preferred codec)
         self._subscribed: dict[str, bool] = {}
         self._renegotiating: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
@@ -207,8 +207,8 @@ class MediaSession:
                 for sender in old.getSenders():
                     sender.replaceTrack(None)
                 await old.close()
-                for track in self._local:
-                    self.pub_pc.addTrack(track)
+                for track, codec in self._local:
+                    self._add_local(track, codec)
                 await self._offer()
             if subscriber and self._subscribed:
                 for audio_only in (False, True):
@@ -252,19 +252,33 @@ class MediaSession:
             ),
         )
 
-    async def publish(self, *tracks: Any) -> list[M.Track]:
-        """Publish aiortc tracks (VP8 video / Opus audio); returns the server's Tracks."""
+    async def publish(self, *tracks: Any, video_codec: str = "") -> list[M.Track]:
+        """Publish aiortc tracks (Opus audio; VP8 video, or `video_codec="video/H264"`);
+        returns the server's Tracks."""
         published: list[M.Track] = []
         for track in tracks:
             kind = M.TRACK_KIND_VIDEO if track.kind == "video" else M.TRACK_KIND_AUDIO
+            codec = video_codec if track.kind == "video" else ""
             reply = await self.request(
-                publish=M.PublishTrack(client_track_id=track.id, kind=kind, name=track.kind)
+                publish=M.PublishTrack(
+                    client_track_id=track.id, kind=kind, name=track.kind, preferred_codec=codec
+                )
             )
             published.append(reply.publish_accepted.track)
-            self.pub_pc.addTrack(track)
-            self._local.append(track)
+            self._add_local(track, codec)
+            self._local.append((track, codec))
         await self._offer()
         return published
+
+    def _add_local(self, track: Any, codec: str) -> None:
+        self.pub_pc.addTrack(track)
+        if not codec:
+            return
+        transceiver = next(t for t in self.pub_pc.getTransceivers() if t.sender.track is track)
+        caps = self._aiortc.RTCRtpSender.getCapabilities(track.kind)
+        transceiver.setCodecPreferences(
+            [c for c in caps.codecs if c.mimeType.lower() == codec.lower()]
+        )
 
     async def _offer(self) -> None:
         offer = await self.pub_pc.createOffer()

@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiortc.codecs import CODECS, HEADER_EXTENSIONS
+from aiortc.sdp import SessionDescription
 
 from classmesh.common.v1 import common_pb2
 from classmesh.core.auth import Principal, require
@@ -80,6 +81,7 @@ from classmesh.media.engine.backend import (
     SubscriberOffer,
     Target,
 )
+from classmesh.media.engine.router import FORWARDED_CODECS
 from classmesh.media.v1 import media_pb2
 
 __all__ = ["MediaService", "Peer", "RouterEntry"]
@@ -109,7 +111,7 @@ TURN_TTL_MIN, TURN_TTL_MAX = 60, 86400
 #: Codecs each back-end forwards, per kind, the default first (passthrough never
 #: transcodes: a subscriber gets the publisher's codec).
 CODECS_BY_BACKEND: dict[str, dict[str, tuple[str, ...]]] = {
-    "aiortc": {"audio": ("audio/opus",), "video": ("video/VP8",)},
+    "aiortc": FORWARDED_CODECS,
     "janus": {"audio": ("audio/opus",), "video": ("video/VP8",)},
 }
 _BACKEND_ENUM = {"aiortc": M.MEDIA_BACKEND_AIORTC, "janus": M.MEDIA_BACKEND_JANUS}
@@ -296,7 +298,10 @@ class MediaService:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Start the media workers (processes now, their connections in the background)."""
+        """Start the media workers (processes now, their connections in the background)
+        when aiortc is the configured back-end; otherwise with the first aiortc router."""
+        if self.runtime.config.media_backend != "aiortc":
+            return
         self.aiortc.spawn()
         with contextlib.suppress(RuntimeError):  # no running loop: started on first use
             self._starting = asyncio.get_running_loop().create_task(self.aiortc.start())
@@ -757,6 +762,7 @@ class MediaService:
             sdp = await entry.backend.publisher_offer(
                 entry.id, peer.id, desc.sdp, [p.spec() for p in peer.producers.values()]
             )
+            self._negotiated(entry, peer, desc.sdp, sdp)
             return M.ServerSignal(
                 answer=M.SessionDescription(
                     type=M.SDP_TYPE_ANSWER, sdp=sdp, target=M.PEER_CONNECTION_TARGET_PUBLISHER
@@ -854,6 +860,34 @@ class MediaService:
             await self._drop_peer(entry, peer, None)
             return reply
         raise Unimplemented("UNIMPLEMENTED", f"{kind} is not implemented yet")
+
+    @staticmethod
+    def _negotiated(entry: RouterEntry, peer: Peer, offer: str, answer: str) -> None:
+        """Record the codec the answer chose for each of the peer's tracks (the back-end
+        may take another forwarded codec the offer has when it lacks the requested one)."""
+        try:
+            tracks = {
+                m.rtp.muxId: m.msid.split()[-1]
+                for m in SessionDescription.parse(offer).media
+                if m.msid
+            }
+            chosen = {
+                m.rtp.muxId: m.rtp.codecs[0].mimeType
+                for m in SessionDescription.parse(answer).media
+                if m.rtp.codecs
+            }
+        except (ValueError, IndexError, AttributeError):
+            return
+        by_client = {p.client_track_id: p for p in peer.producers.values()}
+        for mid, track_id in tracks.items():
+            producer = by_client.get(track_id)
+            mime = chosen.get(mid)
+            if producer is None or mime is None or mime.lower() == producer.mime_type.lower():
+                continue
+            producer.mime_type = mime
+            track = entry.tracks.get(producer.id)
+            if track is not None:
+                track.mime_type = mime
 
     async def _subscribe(self, peer: Peer, sub: M.SubscribeTracks) -> M.ServerSignal:
         entry = peer.router

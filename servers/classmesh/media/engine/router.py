@@ -35,6 +35,7 @@ from aiortc.rtcrtpreceiver import RTCRtpReceiver
 from classmesh.media.engine import hooks
 
 __all__ = [
+    "FORWARDED_CODECS",
     "AiortcRouter",
     "Consumer",
     "PassthroughTrack",
@@ -56,6 +57,13 @@ def is_vp8_keyframe(data: bytes) -> bool:
     """A VP8 frame is a keyframe when bit 0 of its first byte is clear (RFC 6386 9.1)."""
     return bool(data) and not data[0] & 0x01
 
+
+#: Codecs the passthrough forwards, per kind, the default first (a subscriber always gets
+#: the publisher's codec: nothing is transcoded).
+FORWARDED_CODECS: dict[str, tuple[str, ...]] = {
+    "audio": ("audio/opus",),
+    "video": ("video/VP8", "video/H264"),
+}
 
 #: H.264 NAL unit types that start a decodable picture: IDR slice (5), SPS (7).
 _H264_KEY_NALS = frozenset({5, 7})

@@ -37,7 +37,7 @@ from typing import Any
 
 from aiortc import RTCPeerConnection, RTCRtpTransceiver, RTCSessionDescription
 from aiortc.rtcrtpsender import RTCRtpSender
-from aiortc.sdp import candidate_from_sdp
+from aiortc.sdp import SessionDescription, candidate_from_sdp
 from aiortc.stats import (
     RTCInboundRtpStreamStats,
     RTCRemoteInboundRtpStreamStats,
@@ -72,7 +72,7 @@ from classmesh.media.engine.ipc import (
     read_message,
     write_message,
 )
-from classmesh.media.engine.router import AiortcRouter, Consumer, Producer
+from classmesh.media.engine.router import FORWARDED_CODECS, AiortcRouter, Consumer, Producer
 
 __all__ = ["STATS_INTERVAL", "WorkerEngine", "WorkerPeer", "main"]
 
@@ -203,12 +203,26 @@ class WorkerPeer:
         self.pending.append(producer)
 
     async def answer_publisher(self, sdp: str) -> str:
+        """Answer with exactly one forwarded codec per track: the producer's, or when the
+        offer lacks it another one we forward that it has (the producer takes it)."""
+        offered = {
+            m.rtp.muxId: {c.mimeType.lower() for c in m.rtp.codecs}
+            for m in SessionDescription.parse(sdp).media
+        }
         await self.pub_pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         by_receiver = {id(p.receiver): p for p in self.producers.values() if p.receiver}
         for transceiver in self.pub_pc.getTransceivers():
             bound = by_receiver.get(id(transceiver.receiver))
-            default = "audio/opus" if transceiver.kind == "audio" else "video/VP8"
-            _prefer_codec(transceiver, bound.mime_type if bound else default)
+            choices = FORWARDED_CODECS.get(transceiver.kind, ())
+            wanted = bound.mime_type if bound else (choices[0] if choices else "")
+            here = offered.get(transceiver.mid or "", set())
+            if wanted.lower() not in here:
+                other = next((m for m in choices if m.lower() in here), None)
+                if other is not None:
+                    wanted = other
+                    if bound is not None:
+                        bound.mime_type = other
+            _prefer_codec(transceiver, wanted)
         answer = await self.pub_pc.createAnswer()
         await self.pub_pc.setLocalDescription(answer)
         return str(self.pub_pc.localDescription.sdp)
