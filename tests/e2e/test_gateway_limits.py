@@ -333,3 +333,29 @@ async def test_metadata_both_ways_with_binary_values(
     assert base64.b64decode(reply.headers["x-blob-bin"]) == b"\0\1"
     assert reply.trailers["x-trail"] == "t1"
     assert base64.b64decode(reply.trailers["x-raw-bin"]) == b"\xff\xfe"
+
+
+def test_wire_helpers() -> None:
+    from classmesh.gateway.protocol import (
+        FrameError,
+        content_format,
+        decode_request_body,
+        encode_grpc_message,
+        parse_grpc_timeout,
+    )
+
+    assert parse_grpc_timeout("1H") == 3600
+    assert parse_grpc_timeout("250m") == pytest.approx(0.25)
+    assert parse_grpc_timeout("99999999n") == pytest.approx(0.099999999)
+    for bad in ("", "S", "1s", "123456789S", "-1S", "1.5S"):
+        with pytest.raises(FrameError):
+            parse_grpc_timeout(bad)
+    assert encode_grpc_message("plain message") == "plain message"
+    assert encode_grpc_message("café 100%\n") == "caf%C3%A9 100%25%0A"
+    text = content_format("application/grpc-web-text; charset=utf-8")
+    assert text is not None and text.text
+    assert content_format("application/grpc-web+json") is None
+    # Several frames' worth of base64, each padded: decoded as one body.
+    body = frame(b"\x08\x01")
+    segments = base64.b64encode(body[:1]) + base64.b64encode(body[1:4]) + base64.b64encode(body[4:])
+    assert decode_request_body(segments, text) == b"\x08\x01"
