@@ -8,8 +8,8 @@ In an SFU, A's signals go to the server, which relays what concerns others: A's 
 reaches every other participant of A's router as `track_published` naming A (user id and
 participant id) and A's unpublish (or leave) as `track_unpublished`; nothing of A reaches
 a participant of another room, and A's own replies reach A alone. Whatever the interleaving
-of SendSignal calls (steps of up to three participants signaling concurrently; a step's
-leaves then one at a time, see `World.leave` and the xfail test at the end):
+of SendSignal calls (steps of up to three participants signaling concurrently, leaves
+included):
 
   - every ClientSignal gets exactly one reply carrying its signal_id: the SendSignal answer,
     which is also the one signal with that id on the sender's ReceiveSignals stream, and of
@@ -201,20 +201,6 @@ class World:
                 return track.id
         return str(uuid.uuid4())
 
-    async def leave(self, who: Person, step: float) -> None:
-        """A leave, once the leaver's stream shows everything sent to it so far.
-
-        Leaves run one at a time after the step's other signals: a signal pushed to a peer
-        while its stream is still writing the previous one, right before the peer closes,
-        is lost from the stream (see the xfail test below); the property keeps clear of
-        that race, the xfail test shows it."""
-        if who.peer is None:
-            await self.open_peer(who, step)
-        assert who.peer is not None
-        mark = await self.send(who, self.signal(who, unsubscribe=M.UnsubscribeTracks()))
-        await self.wait_seq(who.peer, who.peer.live, mark.seq)
-        await self.act(who, ("leave", ""), step)
-
     async def act(self, who: Person, op: tuple[str, Any], step: float) -> None:
         if who.peer is None:
             await self.open_peer(who, step)
@@ -391,14 +377,7 @@ async def test_property_16_signaling_relay_on_media(
     world = await _world(mesh)
     try:
         for n, step in enumerate(steps, start=1):
-            # The step's signals concurrently, then its leaves one by one (each its own
-            # moment: n + 0.5, n + 0.6, ...).
-            await asyncio.gather(
-                *(world.act(world.people[who], op, n) for who, op in step if op[0] != "leave")
-            )
-            leaving = [who for who, op in step if op[0] == "leave"]
-            for i, who in enumerate(leaving):
-                await world.leave(world.people[who], n + 0.5 + i / 10)
+            await asyncio.gather(*(world.act(world.people[who], op, n) for who, op in step))
         # Replays: one more plain signal per open peer marks its newest seq; a second stream
         # from a drawn after_seq must replay exactly the rest (checked at the end).
         for person in world.people.values():
@@ -419,10 +398,10 @@ async def test_property_16_signaling_relay_on_media(
                 person, world.signal(person, unsubscribe=M.UnsubscribeTracks())
             )
             await world.wait_seq(peer, peer.replay, attached.seq)
-        # Everyone leaves at the end, one by one: every stream ends by itself.
+        # Everyone leaves at once at the end: every stream ends by itself, with its leave ack.
+        last = len(steps) + 1
         open_now = [p for p in world.people.values() if p.peer is not None]
-        for i, person in enumerate(open_now):
-            await world.leave(person, len(steps) + 1 + i / 10)
+        await asyncio.gather(*(world.act(p, ("leave", ""), last) for p in open_now))
         for person in world.people.values():
             for peer in person.peers:
                 done, pending = await asyncio.wait(peer.tasks, timeout=WAIT)
@@ -457,17 +436,13 @@ async def test_replay_beyond_the_newest_signal_is_invalid_argument(mesh: Mesh) -
         task.cancel()
 
 
-@pytest.mark.xfail(
-    reason="MediaService Peer.signals returns on close without re-reading the buffer: a "
-    "signal pushed while the stream was writing the previous one, just before the peer "
-    "closed (a leave's own ack), never reaches ReceiveSignals/Signal",
-    strict=False,
-)
 async def test_a_leave_ack_reaches_the_stream_when_others_signal_at_the_same_time(
     mesh: Mesh,
 ) -> None:
     """a publishes; then a and b leave at the same moment, ten times over: b's stream still
-    ends with b's own leave ack (every signal gets its one reply on the stream too)."""
+    ends with b's own leave ack (every signal gets its one reply on the stream too). This
+    is the race of a signal pushed while the stream writes the previous one, just before
+    the peer closes."""
     for _ in range(10):
         world = await _world(mesh)
         a, b = world.people["a"], world.people["b"]

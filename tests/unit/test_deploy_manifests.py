@@ -130,6 +130,10 @@ def test_media_notes_its_processes_and_udp_ports() -> None:
     (container,) = spec["containers"]
     env = {e["name"]: e for e in container["env"]}
     assert env["CLASSMESH_MEDIA_ICE_HOSTS"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    # One core per worker plus the signaling process.
+    workers = int(env["CLASSMESH_MEDIA_WORKERS"]["value"])
+    assert workers >= 1
+    assert int(container["resources"]["requests"]["cpu"]) == workers + 1
     # Routers live in one process: one replica until placement across pods exists.
     assert media["spec"]["replicas"] == 1
     # SessionService reaches MediaService through its Service.
