@@ -287,7 +287,7 @@ function renderRoster(): void {
           "data-status": statusName(p.status),
           "data-hand": hand ? "raised" : "down",
         },
-        `${p.displayName} · ${roleName(p.role)}${hand ? " ✋" : ""}`,
+        `${p.displayName} · ${roleName(p.role)}${hand ? " · hand raised" : ""}`,
       );
       roster.append(li);
     } else if (p.status === ParticipantStatus.LOBBY) {
@@ -599,6 +599,7 @@ async function publishCamera(): Promise<void> {
     state.local = stream;
     const local = $("local-video") as HTMLVideoElement;
     local.srcObject = stream;
+    local.hidden = false;
     void local.play().catch(() => undefined);
     const tracks = await session.publish(stream);
     $("publish-state").textContent = `publishing ${tracks.length} tracks`;
