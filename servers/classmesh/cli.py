@@ -61,11 +61,22 @@ async def _start_gateway(cfg: Config, default_target: str) -> Any:
     from classmesh.core.server import SERVICES
     from classmesh.gateway import GatewaySettings, mesh_routes, parse_upstreams, start_gateway
 
-    upstreams = parse_upstreams(cfg.gateway_upstreams, SERVICES)
-    routes = mesh_routes(default_target, upstreams)
-    gateway = await start_gateway(GatewaySettings.from_config(cfg), routes, cfg.gateway_listen)
+    try:
+        upstreams = parse_upstreams(cfg.gateway_upstreams, SERVICES)
+        routes = mesh_routes(default_target, upstreams)
+        settings = GatewaySettings.from_config(cfg)
+        gateway = await start_gateway(settings, routes, cfg.gateway_listen)
+    except (OSError, ValueError) as exc:
+        raise _GatewayError(
+            f"gateway on CLASSMESH_GATEWAY_LISTEN={cfg.gateway_listen!r}: "
+            f"{getattr(exc, 'strerror', None) or exc}"
+        ) from exc
     _print(f"gateway: {gateway.url}")
     return gateway
+
+
+class _GatewayError(Exception):
+    """The gateway cannot start (address in use, bad upstream map): one line, exit 2."""
 
 
 async def _serve_gateway(cfg: Config) -> int:
@@ -75,7 +86,11 @@ async def _serve_gateway(cfg: Config) -> int:
     if not cfg.gateway_listen:
         print("classmesh: CLASSMESH_GATEWAY_LISTEN is empty", file=sys.stderr)
         return 2
-    gateway = await _start_gateway(cfg, cfg.effective_peer_target)
+    try:
+        gateway = await _start_gateway(cfg, cfg.effective_peer_target)
+    except _GatewayError as exc:
+        print(f"classmesh: {exc}", file=sys.stderr)
+        return 2
     _print("ready: gateway")
     sig = await wait_for_shutdown()
     log.info("shutting down", extra={"signal": sig})
@@ -99,7 +114,12 @@ async def _serve(cfg: Config, shorts: Sequence[str], *, dev_token: bool) -> int:
             host = cfg.listen.rsplit(":", 1)[0]
             _print(f"grpc: {host}:{mesh.port}")
             if dev_token and cfg.gateway_listen:  # `up`: the gateway beside the mesh
-                gateway = await _start_gateway(cfg, runtime.peer_target)
+                try:
+                    gateway = await _start_gateway(cfg, runtime.peer_target)
+                except _GatewayError as exc:
+                    print(f"classmesh: {exc}", file=sys.stderr)
+                    await mesh.stop(0)
+                    return 2
             if dev_token:
                 from classmesh.admin.service import dev_bootstrap
 

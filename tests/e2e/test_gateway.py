@@ -18,6 +18,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -576,6 +577,31 @@ async def test_serve_gateway_alone_routes_each_service_to_its_upstream(
         assert await asyncio.to_thread(proc.terminate, 10.0) == 0
     finally:
         proc.kill()
+
+
+def test_serve_gateway_refuses_a_busy_port_and_an_unknown_upstream() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLASSMESH_")}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cases = [
+            ({"CLASSMESH_GATEWAY_LISTEN": f"127.0.0.1:{busy.getsockname()[1]}"}, "in use"),
+            (
+                {"CLASSMESH_GATEWAY_LISTEN": "127.0.0.1:0", "CLASSMESH_GATEWAY_UPSTREAMS": "x=h:1"},
+                "unknown service 'x'",
+            ),
+        ]
+        for extra, text in cases:
+            proc = subprocess.run(
+                [sys.executable, "-m", "classmesh.cli", "serve", "gateway"],
+                env={**env, **extra},
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert proc.returncode == 2, proc.stderr
+            assert text in proc.stderr and "CLASSMESH_GATEWAY_LISTEN" in proc.stderr
 
 
 def _node_available() -> str:
