@@ -17,6 +17,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -411,6 +412,89 @@ async def test_staff_admits_from_the_page(mesh: Mesh, request: pytest.FixtureReq
 async def _status_is(client: Any, sid: str, status: int) -> bool:
     p = await client.sessions.get_participant(session_id=sid)
     return bool(p.participant.status == status)
+
+
+LIVE_FRAMES = """
+const live = [...document.querySelectorAll('[data-testid=remote-video]')].filter(
+  v => v.srcObject && v.srcObject.getVideoTracks().some(t => t.readyState === 'live'));
+return live.map(v => ({frames: v.getVideoPlaybackQuality().totalVideoFrames,
+                       user: v.dataset.userId, width: v.videoWidth}));
+"""
+
+
+@pytest.mark.timeout(180)
+async def test_browser_media_survives_a_media_worker_restart(
+    mesh: Mesh, request: pytest.FixtureRequest
+) -> None:
+    """The media worker forwarding the room is killed: the server re-creates the router and
+    tells every client to renegotiate (MediaRestarted). The browser's MediaSession builds new
+    connections, offers its camera again and subscribes again; video flows both ways again."""
+    klass = await live_class(mesh)
+    teacher_media = MediaSession(klass.inst, klass.id, ice_hosts=LOOPBACK)
+    cy = uid("cy")
+    try:
+        await teacher_media.start()
+        await teacher_media.publish(Pattern())
+        async with browsers(request) as open_browser:
+            c = open_browser("cy")
+            await c.open(page_url(mesh, cy, "student", klass.id, "Cy"))
+            await c.wait(STATUS, lambda s: s == "admitted", what="admitted (no lobby)")
+            await c.click("publish-camera")
+            # Publishing starts the media session, which subscribes to the teacher's video.
+            await c.wait(
+                LIVE_FRAMES,
+                lambda v: len(v) == 1 and v[0]["frames"] > 0 and v[0]["user"] == klass.teacher,
+                timeout=30,
+                what="the teacher's video decoded",
+            )
+            await eventually(
+                lambda: any(t.user_id == cy and t.kind == 2 for t in teacher_media.tracks.values()),
+                what="Cy's camera announced to the teacher",
+            )
+            cy_video = next(
+                t for t in teacher_media.tracks.values() if t.user_id == cy and t.kind == 2
+            )
+            await teacher_media.subscribe([cy_video.id])
+            first = await teacher_media.next_remote_track(timeout=15)
+            await asyncio.wait_for(first.recv(), 20)
+            # Kill the worker that forwards this room.
+            admin = mesh.client(uid("admin"), "admin")
+            (router,) = (await admin.media.list_routers(session_id=klass.id)).routers
+            stats = await admin.media.get_media_stats(session_id=klass.id)
+            (worker,) = [w for w in stats.workers if w.worker_id == router.node_id]
+            os.kill(worker.pid, signal.SIGKILL)
+            # The page renegotiated: one restart, new video from the teacher decoded.
+            await c.wait(
+                "return document.getElementById('media-state').dataset.restarts;",
+                lambda n: n == "1",
+                timeout=20,
+                what="the browser's MediaSession told of the restart",
+            )
+            fresh = await c.wait(
+                LIVE_FRAMES,
+                lambda v: len(v) == 1 and v[0]["frames"] > 0,
+                timeout=30,
+                what="the teacher's video decoded again after the restart",
+            )
+            assert fresh[0]["user"] == klass.teacher, fresh
+            # The browser offered its camera again (same track id): the teacher decodes it.
+            await teacher_media.wait_restarted(1, timeout=20)
+            again = await teacher_media.next_remote_track(timeout=20)
+            if again.kind != "video":
+                again = await teacher_media.next_remote_track(timeout=20)
+            frame = await asyncio.wait_for(again.recv(), 20)
+            assert isinstance(frame, VideoFrame) and frame.width > 0
+            assert cy_video.id in teacher_media.tracks
+            assert await c.js("return document.getElementById('error').hidden"), await c.texts(
+                "error"
+            )
+            restarted = await c.js(
+                "return window.classmesh.media.signals"
+                ".filter(s => s.message.case === 'mediaRestarted').length;"
+            )
+            assert restarted == 1
+    finally:
+        await teacher_media.close()
 
 
 @pytest.mark.timeout(180)

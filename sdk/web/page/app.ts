@@ -546,6 +546,14 @@ async function media(): Promise<MediaSession> {
     document.querySelector(`[data-track-id="${CSS.escape(track.id)}"]`)?.remove();
   });
   session.on("remote-track", (remote) => attachRemote(remote));
+  // New connections replace the old ones (breakout move, media restart): their tracks ended.
+  const clear = (): void => $("remote-media").replaceChildren();
+  session.on("moved", clear);
+  session.on("restarted", () => {
+    clear();
+    const box = $("media-state");
+    box.dataset.restarts = String(Number(box.dataset.restarts ?? "0") + 1);
+  });
   session.on("closed", (err) => {
     if (err !== undefined) {
       showError("media", err);

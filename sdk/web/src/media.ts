@@ -322,6 +322,7 @@ export class MediaSession {
           break;
         case "trackUnpublished":
           this.tracks.delete(m.value.id);
+          this.subscribed.delete(m.value.id);
           this.emit("track-unpublished", m.value);
           break;
         case "routerMoved":
