@@ -436,25 +436,41 @@ async def test_replay_beyond_the_newest_signal_is_invalid_argument(mesh: Mesh) -
         task.cancel()
 
 
-async def test_a_leave_ack_reaches_the_stream_when_others_signal_at_the_same_time(
-    mesh: Mesh,
-) -> None:
-    """a publishes; then a and b leave at the same moment, ten times over: b's stream still
-    ends with b's own leave ack (every signal gets its one reply on the stream too). This
-    is the race of a signal pushed while the stream writes the previous one, just before
+async def test_a_leave_ack_reaches_the_stream_while_it_is_busy_writing(mesh: Mesh) -> None:
+    """b leaves while a publishes a burst of tracks (b's stream is busy writing them), ten
+    times over: b's stream still ends with b's own leave ack, after every track it was told
+    of. The race of a signal pushed while the stream writes the previous ones, just before
     the peer closes."""
     for _ in range(10):
         world = await _world(mesh)
         a, b = world.people["a"], world.people["b"]
         await world.open_peer(a, 1)
         await world.open_peer(b, 1)
-        await world.act(a, ("publish", "audio"), 2)
-        peers = [a.peer, b.peer]
-        await asyncio.gather(world.act(a, ("leave", ""), 3), world.act(b, ("leave", ""), 3))
-        for peer in peers:
-            assert peer is not None
-            done, pending = await asyncio.wait(peer.tasks, timeout=WAIT)
-            assert not pending
-            assert [s.signal_id for s in peer.live if s.signal_id] == peer.sent, _dump(peer)
+        b_peer = b.peer
+        assert b_peer is not None
+        burst = [
+            asyncio.create_task(
+                world.send(
+                    a,
+                    world.signal(
+                        a,
+                        publish=M.PublishTrack(client_track_id=f"t{i}", kind=M.TRACK_KIND_AUDIO),
+                    ),
+                )
+            )
+            for i in range(30)
+        ]
+        # Leave as soon as b's stream has started writing the burst.
+        await world.wait_seq(b_peer, b_peer.live, b_peer.live[-1].seq + 1)
+        await world.act(b, ("leave", ""), 2)
+        await asyncio.gather(*burst)
+        done, pending = await asyncio.wait(b_peer.tasks, timeout=WAIT)
+        assert not pending
+        signals = b_peer.live
+        assert [s.seq for s in signals] == list(range(1, len(signals) + 1)), _dump(b_peer)
+        assert [s.signal_id for s in signals if s.signal_id] == b_peer.sent, _dump(b_peer)
+        assert signals[-1].signal_id == b_peer.sent[-1]  # the leave ack closes the stream
+        told = [s.track_published.id for s in signals if s.HasField("track_published")]
+        assert len(told) == len(set(told))
         with contextlib.suppress(Exception):
             await world.inst.sessions.end_session(session_id=world.session_id)
