@@ -100,7 +100,7 @@ async def browsers(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[st
             await asyncio.to_thread(b.quit)
 
 
-async def lobby_class(mesh: Mesh) -> tuple[str, str, Any]:
+async def lobby_class(mesh: Mesh, *, guests: bool = False) -> tuple[str, str, Any]:
     """A live class with the lobby on; its instructor joined. Returns (id, teacher, client)."""
     teacher = uid("teacher")
     inst = mesh.client(teacher, "instructor")
@@ -110,7 +110,9 @@ async def lobby_class(mesh: Mesh) -> tuple[str, str, Any]:
         instructor_id=teacher,
         scheduled_start=ts(start),
         scheduled_end=ts(start + timedelta(hours=2)),
-        settings=S.SessionSettings(lobby_enabled=True, chat_enabled=True, qa_enabled=True),
+        settings=S.SessionSettings(
+            lobby_enabled=True, chat_enabled=True, qa_enabled=True, allow_guests=guests
+        ),
     )
     sid = created.session.id
     await inst.sessions.start_session(session_id=sid)
@@ -407,6 +409,45 @@ async def test_staff_admits_from_the_page(mesh: Mesh, request: pytest.FixtureReq
             assistant,
             student,
         }
+
+
+@pytest.mark.timeout(180)
+async def test_guest_joins_with_the_link(mesh: Mesh, request: pytest.FixtureRequest) -> None:
+    """No token: the page joins with the join link and a name, waits in the lobby, and once
+    admitted chats with the session-scoped guest token the server handed it."""
+    sid, teacher, inst = await lobby_class(mesh, guests=True)
+    link = (await inst.sessions.get_session(session_id=sid)).session.join_link_token
+    assert len(link) == 64
+    feed = Feed(inst, sid)
+    try:
+        async with browsers(request) as open_browser:
+            g = open_browser("guest")
+            await g.open(f"{mesh.proc.gateway}/?{urlencode({'join': link, 'name': 'Grace'})}")
+            await g.wait(STATUS, lambda s: s == "lobby", what="the guest in the lobby")
+            me = await g.js("return document.getElementById('me').dataset;")
+            assert me["role"] == "guest", me
+            lobby = await inst.sessions.list_participants(
+                session_id=sid, statuses=[S.PARTICIPANT_STATUS_LOBBY]
+            )
+            (guest,) = lobby.participants
+            assert guest.guest and guest.display_name == "Grace"
+            assert guest.user_id == me["userId"]
+            await inst.sessions.admit_participants(session_id=sid, user_ids=[guest.user_id])
+            await g.wait(STATUS, lambda s: s == "admitted", what="the guest admitted")
+            await g.wait(ROSTER, lambda r: set(r) == {teacher, guest.user_id}, what="roster")
+            await g.type("chat-input", "hi, I am a guest")
+            await g.click("chat-send")
+            posted = await feed.wait_for(
+                lambda e: (
+                    e.WhichOneof("payload") == "chat_message_posted"
+                    and e.chat_message_posted.message.sender.user_id == guest.user_id
+                ),
+                what="the guest's message",
+            )
+            assert posted.chat_message_posted.message.text == "hi, I am a guest"
+            assert posted.chat_message_posted.message.sender.display_name == "Grace"
+    finally:
+        await feed.stop()
 
 
 async def _status_is(client: Any, sid: str, status: int) -> bool:

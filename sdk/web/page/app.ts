@@ -4,7 +4,7 @@
  * through `@classmesh/web` and the gateway that serves this page.
  *
  * `?token=<JWT>&session=<id>` signs in and joins at once (links, tests); `&name=` sets the
- * display name. Every element a test drives has an `id` and a `data-testid`.
+ * display name. Guests: `?join=<join link token>&name=<display name>`, no token. Every element a test drives has an `id` and a `data-testid`.
  */
 import {
   ClassMeshError,
@@ -139,23 +139,35 @@ function client(): ClassMeshClient {
 async function join(): Promise<void> {
   const token = input("token").value.trim();
   const sessionId = input("session-id").value.trim();
+  const link = input("join-link").value.trim();
   const name = input("display-name").value.trim();
   $("error").hidden = true;
-  if (!token || !sessionId) {
-    showError("join", new Error("a token and a session id are needed"));
+  if (!(token && sessionId) && !(link && name)) {
+    showError(
+      "join",
+      new Error("a token and a session id are needed (or, for guests, a join link and a name)"),
+    );
     return;
   }
-  state.client = createClassMeshClient({ baseUrl: location.origin, token });
-  state.sessionId = sessionId;
+  // Token holders join by session id; guests join with the link and no bearer token, and
+  // use the session-scoped token the server hands them from then on.
+  state.client = createClassMeshClient({ baseUrl: location.origin, token: token || undefined });
   setStatus("joining");
   try {
     const resp = await client().sessions.joinSession({
-      target: { case: "sessionId", value: sessionId },
+      target:
+        token && sessionId
+          ? { case: "sessionId", value: sessionId }
+          : { case: "joinLinkToken", value: link },
       displayName: name,
     });
     if (resp.participant === undefined) {
       throw new Error("JoinSession returned no participant");
     }
+    if (resp.accessToken) {
+      client().setToken(resp.accessToken);
+    }
+    state.sessionId = resp.participant.sessionId || resp.session?.id || sessionId;
     state.me = resp.participant;
     state.iceServers = resp.iceServers.map((s) => ({
       urls: s.urls,
@@ -659,9 +671,10 @@ function wire(): void {
   input("token").value = params.get("token") ?? "";
   input("session-id").value = params.get("session") ?? "";
   input("display-name").value = params.get("name") ?? "";
+  input("join-link").value = params.get("join") ?? "";
   setStatus("signed-out");
   document.body.dataset.ready = "true";
-  if (params.get("token") && params.get("session")) {
+  if ((params.get("token") && params.get("session")) || (params.get("join") && params.get("name"))) {
     void join();
   }
 }
