@@ -32,7 +32,16 @@ from classmesh.session.v1 import session_pb2
 from classmesh_sdk import MediaSession
 from tests.conftest import ROOT
 from tests.support.browser import Browser, build_page, require_chromium
-from tests.support.classroom import Feed, Mesh, classroom_mesh, live_class, scope, ts, uid
+from tests.support.classroom import (
+    Feed,
+    Mesh,
+    classroom_mesh,
+    live_class,
+    open_breakout_room,
+    scope,
+    ts,
+    uid,
+)
 
 S = session_pb2
 I = interaction_pb2  # noqa: E741
@@ -40,18 +49,20 @@ LOOPBACK = ["127.0.0.1"]
 
 
 class Pattern(VideoStreamTrack):
-    """Synthetic 320x240 video (a moving bar), VP8-encoded by aiortc."""
+    """Synthetic video (a moving bar, 320x240 unless told), VP8-encoded by aiortc."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 320, height: int = 240) -> None:
         super().__init__()
         self.n = 0
+        self.size = (width, height)
 
     async def recv(self) -> VideoFrame:
         pts, time_base = await self.next_timestamp()
-        frame = VideoFrame(width=320, height=240, format="yuv420p")
-        x = (self.n * 4) % 280
-        row = bytes(x) + bytes([235]) * 40 + bytes(280 - x)
-        frame.planes[0].update(row * 240)
+        width, height = self.size
+        frame = VideoFrame(width=width, height=height, format="yuv420p")
+        x = (self.n * 4) % (width - 40)
+        row = bytes(x) + bytes([235]) * 40 + bytes(width - 40 - x)
+        frame.planes[0].update(row * height)
         for plane in frame.planes[1:]:
             plane.update(bytes([128]) * (plane.line_size * plane.height))
         self.n += 1
@@ -536,6 +547,63 @@ async def test_browser_media_survives_a_media_worker_restart(
             assert restarted == 1
     finally:
         await teacher_media.close()
+
+
+@pytest.mark.timeout(180)
+async def test_browser_media_follows_a_move_to_a_breakout_room(
+    mesh: Mesh, request: pytest.FixtureRequest
+) -> None:
+    """MoveParticipant sends the browser's media to a breakout room (RouterMoved): its
+    MediaSession replaces the subscriber connection, the page drops the main room's video and
+    subscribes to the room's tracks, and decodes the video published there."""
+    klass = await live_class(mesh, students=1)
+    (buddy,) = klass.students
+    dee = uid("dee")
+    main_pub = MediaSession(klass.inst, klass.id, ice_hosts=LOOPBACK)
+    room_pub: MediaSession | None = None
+    try:
+        await main_pub.start()
+        await main_pub.publish(Pattern())
+        async with browsers(request) as open_browser:
+            d = open_browser("dee")
+            await d.open(page_url(mesh, dee, "student", klass.id, "Dee"))
+            await d.wait(STATUS, lambda s: s == "admitted", what="admitted (no lobby)")
+            room = await open_breakout_room(mesh, klass.id, [dee, buddy])
+            room_pub = MediaSession(
+                klass.students[buddy], klass.id, breakout_room_id=room, ice_hosts=LOOPBACK
+            )
+            await room_pub.start()
+            await room_pub.publish(Pattern(160, 120))
+            await d.click("watch-media")
+            await d.wait(
+                LIVE_FRAMES,
+                lambda v: len(v) == 1 and v[0]["frames"] > 0 and v[0]["user"] == klass.teacher,
+                timeout=30,
+                what="the main room's video decoded",
+            )
+            moved = await klass.inst.media.move_participant(
+                session_id=klass.id, user_id=dee, to_breakout_room_id=room
+            )
+            assert moved.to_router.breakout_room_id == room
+            await d.wait(
+                "return window.classmesh.media.breakoutRoomId;",
+                lambda r: r == room,
+                what="the browser's media in the breakout room",
+            )
+            videos = await d.wait(
+                LIVE_FRAMES,
+                lambda v: len(v) == 1 and v[0]["user"] == buddy and v[0]["frames"] > 0,
+                timeout=30,
+                what="the breakout room's video decoded",
+            )
+            assert videos[0]["width"] == 160, videos
+            assert await d.js("return document.getElementById('error').hidden"), await d.texts(
+                "error"
+            )
+    finally:
+        for m in (room_pub, main_pub):
+            if m is not None:
+                await m.close()
 
 
 @pytest.mark.timeout(180)

@@ -36,7 +36,7 @@ import {
 import type { ClassMeshClient } from "./client.js";
 import { randomId } from "./client.js";
 import { ClassMeshError } from "./errors.js";
-import { receiveSignals } from "./streams.js";
+import { resumable } from "./streams.js";
 
 /** The `message` oneof of a `ClientSignal`, e.g. `{ case: "subscribe", value: {...} }`. */
 export type ClientSignalMessage = NonNullable<MessageInitShape<typeof ClientSignalSchema>["message"]>;
@@ -214,12 +214,21 @@ export class MediaSession {
   private async read(): Promise<void> {
     let error: ClassMeshError | undefined;
     try {
-      const feed = receiveSignals(
-        this.client,
-        { sessionId: this.sessionId, breakoutRoomId: this.breakoutRoomId },
+      // The room is read at every (re-)open: after a move the server's peer, and so the
+      // stream to resume, lives in the new room's router.
+      const feed = resumable(
+        (afterSeq, signal) =>
+          this.client.media.receiveSignals(
+            { sessionId: this.sessionId, breakoutRoomId: this.breakoutRoomId, afterSeq },
+            { signal },
+          ),
+        (r) => r.signal?.seq ?? 0n,
         { signal: this.abort.signal },
       );
-      for await (const signal of feed) {
+      for await (const { signal } of feed) {
+        if (signal === undefined) {
+          continue;
+        }
         await this.onSignal(signal);
       }
     } catch (err) {
