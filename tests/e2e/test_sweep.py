@@ -40,7 +40,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import descriptor, message_factory
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -529,6 +529,71 @@ async def test_rpc_answers_deliberately(
             + _server_log(mesh, _correlation_id(outcome)),
             pytrace=False,
         )
+
+
+#: Bytes no protobuf message parses: field 1 as a length-delimited value longer than the rest.
+UNDECODABLE = b"\x0a\xff\xff\xff\x0f\x01"
+
+
+@pytest.mark.parametrize(
+    "rpc", RPCS, ids=[f"{r.service.split('.')[1]}.{r.method.name}" for r in RPCS]
+)
+async def test_undecodable_request_bytes_are_invalid_argument(
+    rpc: Rpc, mesh: MeshProcess, channel: grpc.aio.Channel
+) -> None:
+    """Bytes that do not parse get INVALID_ARGUMENT with ErrorInfo, not grpcio's UNKNOWN."""
+    with pytest.raises(DecodeError):
+        rpc.request_type.FromString(UNDECODABLE)
+    metadata = [("authorization", f"Bearer {mesh.token}")]
+
+    class Raw:
+        @staticmethod
+        def SerializeToString(value: bytes) -> bytes:  # noqa: N802 - the serializer's name
+            return value
+
+    if rpc.method.client_streaming and rpc.method.server_streaming:
+        outcome = await _bidi_status(channel, rpc, UNDECODABLE, metadata)
+    else:
+        outcome = await invoke_reporting_server_status(
+            channel,
+            _with_serializer(rpc, Raw),
+            UNDECODABLE,
+            metadata,  # type: ignore[arg-type]
+        )
+    assert outcome.code is grpc.StatusCode.INVALID_ARGUMENT, (outcome.code, outcome.details)
+    assert "not a valid protobuf message" in outcome.details
+    assert problems_of(outcome, unary=True) == []
+
+
+async def _bidi_status(
+    channel: grpc.aio.Channel, rpc: Rpc, data: bytes, metadata: list[tuple[str, str]]
+) -> Outcome:
+    """Writes `data` on a bidi call and reads past any greeting until the status."""
+    call: Any = channel.stream_stream(
+        rpc.path, request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )(metadata=metadata, timeout=UNARY_TIMEOUT)
+    writer = asyncio.ensure_future(call.write(data))
+    try:
+        while True:
+            if await call.read() is grpc.aio.EOF:
+                return await _status_of(call)
+    except grpc.aio.AioRpcError as err:
+        return _rpc_error(err)
+    finally:
+        with contextlib.suppress(BaseException):
+            await writer
+
+
+def _with_serializer(rpc: Rpc, request_type: Any) -> Any:
+    """`rpc` whose request_type serializes raw bytes as they are."""
+
+    class RawRpc:
+        method = rpc.method
+        path = rpc.path
+        response_type = rpc.response_type
+
+    RawRpc.request_type = request_type  # type: ignore[attr-defined]
+    return RawRpc
 
 
 def test_hostile_requests_are_what_they_claim() -> None:

@@ -46,6 +46,7 @@ import redis.exceptions
 from classmesh.core import auth, logs
 from classmesh.core.errors import (
     Internal,
+    InvalidArgument,
     ResourceExhausted,
     Unauthenticated,
     from_exception,
@@ -143,6 +144,91 @@ def wrap_handler(handler: Handler, method: str, scope: Scope) -> Handler:
     if handler.stream_stream is not None:
         return grpc.stream_stream_rpc_method_handler(
             stream_response(handler.stream_stream), de, ser
+        )
+    return handler
+
+
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse as the method's message.
+
+    grpcio answers a deserializer's exception with UNKNOWN before any interceptor runs, so
+    `guard_requests` makes the deserializer return this instead and the behaviour raise a
+    clear INVALID_ARGUMENT inside the error scope.
+    """
+
+    __slots__ = ("detail",)
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+
+
+def _check_request(request: Any) -> Any:
+    if isinstance(request, MalformedRequest):
+        raise InvalidArgument(
+            [("request", f"is not a valid protobuf message of this method: {request.detail}")]
+        )
+    return request
+
+
+def guard_requests(handler: Handler) -> Handler:
+    """`handler` with a deserializer that never raises: bad bytes become INVALID_ARGUMENT."""
+    deserialize = handler.request_deserializer
+    if deserialize is None:
+        return handler
+
+    def safe(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:
+            return MalformedRequest(f"{type(exc).__name__}: {exc}"[:200])
+
+    def unary_request(inner: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(inner):
+
+            async def generator(request: Any, context: Context) -> AsyncIterator[Any]:
+                _check_request(request)
+                async with aclosing(inner(request, context)) as responses:
+                    async for response in responses:
+                        yield response
+
+            return generator
+
+        async def behaviour(request: Any, context: Context) -> Any:
+            result = inner(_check_request(request), context)
+            return await result if inspect.isawaitable(result) else result
+
+        return behaviour
+
+    async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield _check_request(request)
+
+    def stream_request(inner: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(inner):
+
+            async def generator(requests: Any, context: Context) -> AsyncIterator[Any]:
+                async with aclosing(inner(checked(requests), context)) as responses:
+                    async for response in responses:
+                        yield response
+
+            return generator
+
+        async def behaviour(requests: Any, context: Context) -> Any:
+            result = inner(checked(requests), context)
+            return await result if inspect.isawaitable(result) else result
+
+        return behaviour
+
+    ser = handler.response_serializer
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary_request(handler.unary_unary), safe, ser)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(unary_request(handler.unary_stream), safe, ser)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(stream_request(handler.stream_unary), safe, ser)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(
+            stream_request(handler.stream_stream), safe, ser
         )
     return handler
 
@@ -278,6 +364,16 @@ class ErrorInterceptor(ScopedInterceptor):
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self._log = logger or logging.getLogger("classmesh.errors")
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
+            return None
+        return wrap_handler(guard_requests(handler), handler_call_details.method, self.scope)
 
     @asynccontextmanager
     async def scope(self, call: RpcCall) -> AsyncIterator[None]:

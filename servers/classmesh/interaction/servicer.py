@@ -579,7 +579,8 @@ class _ConnectStream:
         self.servicer = servicer
         self.principal = principal
         self.context = context
-        self.out: asyncio.Queue[R.ConnectResponse | None] = asyncio.Queue()
+        # None ends the stream; a ClassMeshError ends it with that status.
+        self.out: asyncio.Queue[R.ConnectResponse | ClassMeshError | None] = asyncio.Queue()
         self.feed_task: asyncio.Task[None] | None = None
         self.unacked: collections.deque[int] = collections.deque()
         self.acked = asyncio.Event()
@@ -597,6 +598,8 @@ class _ConnectStream:
                 item = await self.out.get()
                 if item is None:
                     return
+                if isinstance(item, ClassMeshError):
+                    raise item
                 yield item
         finally:
             tasks = [t for t in (reader, self.feed_task) if t is not None]
@@ -622,6 +625,9 @@ class _ConnectStream:
                 await self._handle(request)
         except asyncio.CancelledError:
             raise
+        except ClassMeshError as err:  # a request that is not a ConnectRequest at all
+            self.out.put_nowait(err)
+            return
         except Exception:  # the client went away mid-read: nothing left to answer
             log.debug("Connect request stream ended", exc_info=True)
             self.out.put_nowait(None)
