@@ -9,9 +9,9 @@ a real `classmesh up` (gRPC, PostgreSQL, Redis) through the SDK:
   15 XSS patterns (<script>, javascript:, onerror=, any case and spacing) never survive in
      what is stored or sent
   16 a message directed from A to B in the same room reaches B with A as sender, and no
-     one else but moderators (the relay of seed 003's WebRTC signaling belongs to
-     MediaService, not implemented yet; InteractionService's directed message is the
-     same relay property for chat)
+     one else but moderators (InteractionService's directed message is the relay property
+     for chat; the WebRTC signaling relay is proven on MediaService in
+     test_media_signaling_props.py)
   19 every timer event of a room reaches every participant with the same, correct state
   20 every timer event writes one session log row (user, room, time, action)
   35 an event of one room never reaches a participant of another room (breakout rooms of

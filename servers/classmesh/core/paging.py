@@ -17,12 +17,11 @@ def encode_page_token(*values: Any) -> str:
 
 
 def decode_page_token(
-    token: str, arity: int, *, reason: str = "VALIDATION_FAILED"
+    token: str, arity: int, *, reason: str = "PAGE_TOKEN_INVALID"
 ) -> list[Any] | None:
     """The cursor values, or None for an empty token; garbage is INVALID_ARGUMENT.
 
-    `reason` is the ErrorInfo reason of that error (PAGE_TOKEN_INVALID is the specific one;
-    the default keeps the reason AdminService has always sent).
+    `reason` is the ErrorInfo reason of that error; every service sends PAGE_TOKEN_INVALID.
     """
     if not token:
         return None
