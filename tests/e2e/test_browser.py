@@ -6,8 +6,11 @@ Two students join from their browsers and land in the lobby; the teacher admits 
 see the roster, chat both ways, raise a hand, answer a poll and all see its results. Media:
 the teacher publishes aiortc video, a browser subscribes and its <video> element decodes
 frames; the other browser publishes its fake camera and the teacher's aiortc peer decodes
-it. A staff member admits a lobby student from the page. On failure every browser's
-screenshot, console and HTML land in tests/artifacts/<test>/.
+it. The browser's media survives a killed media worker (MediaRestarted) and follows a move
+to a breakout room (RouterMoved). A staff member admits a lobby student from the page; a
+guest joins with the join link. sdk/web/test/ runs the built package in Node against the
+same gateway. On failure every browser's screenshot, console and HTML land in
+tests/artifacts/<test>/.
 """
 
 from __future__ import annotations
@@ -88,13 +91,16 @@ async def mesh(
 
 
 @contextlib.asynccontextmanager
-async def browsers(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[str], Browser]]:
-    """A factory of browsers; all are closed at the end, and on failure each one's
-    screenshot, console and HTML are saved under tests/artifacts/<test>/."""
+async def browsers(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Callable[[str], Awaitable[Browser]]]:
+    """A factory of browsers (started in a thread: the loop keeps serving the teacher's
+    peers); all are closed at the end, and on failure each one's screenshot, console and
+    HTML are saved under tests/artifacts/<test>/."""
     opened: list[Browser] = []
 
-    def open_browser(name: str) -> Browser:
-        b = Browser(name)
+    async def open_browser(name: str) -> Browser:
+        b = await asyncio.to_thread(Browser, name)
         opened.append(b)
         return b
 
@@ -185,7 +191,7 @@ async def test_two_browser_students_lobby_chat_poll_and_media(
     teacher_media: MediaSession | None = None
     try:
         async with browsers(request) as open_browser:
-            a, b = open_browser("ada"), open_browser("bob")
+            a, b = await asyncio.gather(open_browser("ada"), open_browser("bob"))
             # --- both join from the page (?token=&session=) and wait in the lobby
             await asyncio.gather(
                 a.open(page_url(mesh, ada, "student", sid, "Ada")),
@@ -396,7 +402,7 @@ async def test_staff_admits_from_the_page(mesh: Mesh, request: pytest.FixtureReq
     student = uid("student")
     sc = mesh.client(student, "student")
     async with browsers(request) as open_browser:
-        staff = open_browser("assistant")
+        staff = await open_browser("assistant")
         await staff.open(page_url(mesh, assistant, "assistant", sid, "Assistant"))
         await staff.wait(STATUS, lambda s: s == "admitted", what="assistant admitted at once")
         assert not await staff.js("return document.getElementById('lobby').hidden")
@@ -432,7 +438,7 @@ async def test_guest_joins_with_the_link(mesh: Mesh, request: pytest.FixtureRequ
     feed = Feed(inst, sid)
     try:
         async with browsers(request) as open_browser:
-            g = open_browser("guest")
+            g = await open_browser("guest")
             await g.open(f"{mesh.proc.gateway}/?{urlencode({'join': link, 'name': 'Grace'})}")
             await g.wait(STATUS, lambda s: s == "lobby", what="the guest in the lobby")
             me = await g.js("return document.getElementById('me').dataset;")
@@ -488,7 +494,7 @@ async def test_browser_media_survives_a_media_worker_restart(
         await teacher_media.start()
         await teacher_media.publish(Pattern())
         async with browsers(request) as open_browser:
-            c = open_browser("cy")
+            c = await open_browser("cy")
             await c.open(page_url(mesh, cy, "student", klass.id, "Cy"))
             await c.wait(STATUS, lambda s: s == "admitted", what="admitted (no lobby)")
             await c.click("publish-camera")
@@ -565,7 +571,7 @@ async def test_browser_media_follows_a_move_to_a_breakout_room(
         await main_pub.start()
         await main_pub.publish(Pattern())
         async with browsers(request) as open_browser:
-            d = open_browser("dee")
+            d = await open_browser("dee")
             await d.open(page_url(mesh, dee, "student", klass.id, "Dee"))
             await d.wait(STATUS, lambda s: s == "admitted", what="admitted (no lobby)")
             room = await open_breakout_room(mesh, klass.id, [dee, buddy])
