@@ -140,6 +140,7 @@ export class MediaSession {
   private readonly remoteQueue: RemoteTrack[] = [];
   private readonly abort = new AbortController();
   private reader: Promise<void> | undefined;
+  private started = false;
   private rtcConfiguration: RTCConfiguration;
 
   constructor(client: ClassMeshClient, options: MediaSessionOptions) {
@@ -186,6 +187,10 @@ export class MediaSession {
    * room's current tracks are announced first).
    */
   async start(): Promise<void> {
+    if (this.started) {
+      throw new Error("MediaSession.start() was already called");
+    }
+    this.started = true;
     if (this.options.useTurn) {
       const turn = await this.client.media.getTurnCredentials({});
       this.rtcConfiguration = {
@@ -504,10 +509,17 @@ export class MediaSession {
     return run;
   }
 
+  private requireStarted(): void {
+    if (this.reader === undefined) {
+      throw new Error("call MediaSession.start() first");
+    }
+  }
+
   private async publishNow(
     media: MediaStream | MediaStreamTrack[],
     options: { names?: Record<string, string>; screen?: boolean },
   ): Promise<Track[]> {
+    this.requireStarted();
     const stream = media instanceof MediaStream ? media : new MediaStream(media);
     const tracks = media instanceof MediaStream ? media.getTracks() : media;
     const out: Track[] = [];
@@ -580,6 +592,7 @@ export class MediaSession {
 
   /** Receive tracks; the server offers on the subscriber connection and this answers. */
   async subscribe(trackIds: string[], options: { audioOnly?: boolean } = {}): Promise<void> {
+    this.requireStarted();
     const fresh = trackIds.filter((id) => !this.pendingSubscriptions.includes(id));
     this.pendingSubscriptions.push(...fresh);
     try {
