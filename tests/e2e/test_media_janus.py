@@ -418,7 +418,11 @@ async def test_simulcast_layer_preference_with_chromium_publisher(
             sessions.append(sub)
             await sub.start()
             await sub.wait_tracks(1)
-            await sub.subscribe([track_id])
+            # The highest layers, asked for explicitly (proto3 cannot tell an unset
+            # SubscribeTracks.spatial_layer from 0, the lowest).
+            await sub.request(
+                subscribe=M.SubscribeTracks(track_ids=[track_id], spatial_layer=2, temporal_layer=2)
+            )
             video = await sub.next_remote_track(timeout=10)
             await _settles_on(video, 640)
             for spatial, width in ((0, 160), (1, 320), (2, 640)):
@@ -543,3 +547,61 @@ def test_publisher_offer_sections_and_error_mapping() -> None:
     assert map_error(465, "bad SDP").reason == "SDP_INVALID"
     assert isinstance(map_error(458, "No such session"), Unavailable)
     assert map_error(490, "something else").reason == "MEDIA_UNAVAILABLE"
+
+
+async def test_moves_between_janus_rooms(janus: JanusServer, mesh: Mesh) -> None:
+    """A subscriber moved main -> breakout gets the room's media; a publisher moved there
+    publishes again (a Janus feed cannot change rooms: RouterMoved.republish) and the
+    room's subscriber receives its new tracks."""
+    klass = await live_class(mesh, students=2)
+    a, b = list(klass.students)
+    room = await open_breakout_room(mesh, klass.id, [a, b])
+    sessions: list[MediaSession] = []
+    async with artifacts_on_failure("move", janus, mesh):
+        try:
+            main_pub = await _publisher(janus, klass.inst, klass.id)
+            sessions.append(main_pub)
+            sessions.append(await _publisher(janus, klass.students[b], klass.id, room))
+            sub, remote = await _subscriber(janus, klass.students[a], klass.id)
+            sessions.append(sub)
+            await _frame(remote["video"], 5)
+            inst = klass.inst.media
+            await inst.move_participant(
+                request_id=uuid.uuid4().hex,
+                session_id=klass.id,
+                user_id=a,
+                to_breakout_room_id=room,
+            )
+            await sub.wait_moved(1)
+            tracks = await sub.wait_tracks(2)
+            assert {t.user_id for t in tracks} == {b}
+            await sub.subscribe([t.id for t in tracks])
+            moved: dict[str, Any] = {}
+            for _ in range(2):
+                track = await sub.next_remote_track(timeout=10)
+                moved[track.kind] = track
+            frame = await _frame(moved["video"], 5)
+            assert (frame.width, frame.height) == (640, 360)
+            await _silent(remote["video"])
+            # The instructor (a publisher) joins the room too.
+            done = await inst.move_participant(
+                request_id=uuid.uuid4().hex,
+                session_id=klass.id,
+                user_id=klass.teacher,
+                to_breakout_room_id=room,
+            )
+            assert done.to_router.breakout_room_id == room
+            await main_pub.wait_moved(1)
+            tracks = await sub.wait_tracks(4)
+            teacher_tracks = [t.id for t in tracks if t.user_id == klass.teacher]
+            assert len(teacher_tracks) == 2
+            await sub.subscribe(teacher_tracks)
+            fresh: dict[str, Any] = {}
+            for _ in range(2):
+                track = await sub.next_remote_track(timeout=10)
+                fresh[track.kind] = track
+            frame = await _frame(fresh["video"], 5)
+            assert (frame.width, frame.height) == (640, 360)
+        finally:
+            for s in sessions:
+                await s.close()

@@ -80,6 +80,8 @@ MAX_PUBLISHERS = 1000
 #: Janus asks publishers for a keyframe this often (s), besides on every new subscriber.
 FIR_FREQ = 10
 _ROOM_EXISTS = "427"
+#: Seconds a moved publisher's old (muted) connection is kept at most.
+RETIRE_SECONDS = 15.0
 
 
 @dataclass
@@ -170,6 +172,8 @@ class JanusBackend:
         self._queue: asyncio.Queue[tuple[str, str, BackendEvent]] = asyncio.Queue()
         self._sender: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        #: (router id, peer id) -> the old publisher handle of a peer moved there.
+        self._retiring: dict[tuple[str, str], int] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> JanusBackend:
@@ -264,6 +268,7 @@ class JanusBackend:
             return
         for peer in room.peers.values():
             peer.closed = True
+            await self._retire_now(router_id, peer.peer_id)
         with contextlib.suppress(ClassMeshError):
             await self.client.message(
                 self._control,
@@ -302,6 +307,7 @@ class JanusBackend:
         if peer is None:
             return
         peer.closed = True
+        await self._retire_now(router_id, peer_id)
         gone = [pid for pid, p in room.producers.items() if p.peer_id == peer_id]
         for producer_id in gone:
             room.producers.pop(producer_id, None)
@@ -325,15 +331,46 @@ class JanusBackend:
         peer_id: str,
         producers: Sequence[tuple[str, ProducerSpec]],
     ) -> bool:
-        """A Janus publisher cannot change rooms: the peer leaves the old room (both
-        handles) and starts afresh in the new one, where its producers wait for the
-        client's next publisher offer. Always False: the client publishes again."""
+        """A Janus publisher cannot change rooms: the peer leaves the old room and starts
+        afresh in the new one, where its producers wait for the client's next publisher
+        offer. Always False: the client publishes again.
+
+        The old publisher connection is muted (`moderate`) but kept until that offer
+        arrives (or `RETIRE_SECONDS`): closing it first would end the client's local tracks
+        (an aiortc sender stops its track when its connection fails) before the client
+        could move them to the new connection."""
         self._room(to_router_id)
+        old_room = self.rooms.get(from_router_id)
+        peer = old_room.peers.get(peer_id) if old_room is not None else None
+        retiring = 0
+        if old_room is not None and peer is not None and peer.pub_handle and peer.published:
+            for producer in list(old_room.producers.values()):
+                if producer.peer_id == peer_id and producer.mid:
+                    with contextlib.suppress(ClassMeshError):
+                        await self._moderate(old_room, producer, muted=True)
+            retiring = peer.pub_handle
+            self.handles.pop(retiring, None)
+            peer.pub_handle = 0
         await self.remove_peer(from_router_id, peer_id)
         await self.add_peer(to_router_id, peer_id)
         for _, spec in producers:
             await self.add_producer(to_router_id, peer_id, spec)
+        if retiring:
+            key = (to_router_id, peer_id)
+            self._retiring[key] = retiring
+            self._background(self._retire_later(key, retiring))
         return False
+
+    async def _retire_later(self, key: tuple[str, str], handle: int) -> None:
+        await asyncio.sleep(RETIRE_SECONDS)
+        if self._retiring.get(key) == handle:
+            del self._retiring[key]
+            await self.client.detach(handle)
+
+    async def _retire_now(self, router_id: str, peer_id: str) -> None:
+        handle = self._retiring.pop((router_id, peer_id), 0)
+        if handle:
+            await self.client.detach(handle)
 
     # ------------------------------------------------------------------ publishing
 
@@ -372,6 +409,8 @@ class JanusBackend:
             peer.sections = {s.mid: s for s in media_sections(sdp) if s.mid}
             self._bind(room, peer, reply)
             await self._flush_candidates(peer, "publisher")
+        # The client has moved its tracks to this connection: the old one may close.
+        await self._retire_now(router_id, peer_id)
         for producer in room.producers.values():
             if producer.peer_id == peer_id and producer.mid:
                 await self._apply_producer_state(room, producer)
