@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aioice.ice
 import pytest
 from aiortc import AudioStreamTrack, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError
@@ -74,9 +75,14 @@ class Pattern(VideoStreamTrack):
 @pytest.fixture(scope="module")
 def janus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JanusServer]:
     # NetnsUnavailable propagates: every test here errors with the reason (no skip).
-    with janus_in_netns(tmp_path_factory.mktemp("janus")) as server:
-        yield server
-        shutil.copy(server.log_path, tmp_path_factory.getbasetemp() / "janus-last.log")
+    gather = aioice.ice.get_host_addresses
+    try:
+        with janus_in_netns(tmp_path_factory.mktemp("janus")) as server:
+            yield server
+            shutil.copy(server.log_path, tmp_path_factory.getbasetemp() / "janus-last.log")
+    finally:
+        # Our peers pinned ICE to the veth, which is gone now: later tests gather as before.
+        aioice.ice.get_host_addresses = gather
 
 
 @pytest.fixture(scope="module")
