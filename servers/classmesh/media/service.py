@@ -220,6 +220,8 @@ class Peer:
         self.close_error: ClassMeshError | None = None
         self.producers: dict[str, ProducerState] = {}
         self.consumers: dict[str, ConsumerState] = {}  # producer id -> consumer
+        #: Set once the back-end has the peer (calls racing its creation wait for it).
+        self.ready = asyncio.Event()
 
     def push(self, signal: M.ServerSignal) -> M.ServerSignal:
         self.seq += 1
@@ -260,9 +262,16 @@ class Peer:
                 if self.seq == cursor and not self.closed:
                     await self.changed.wait()
 
+    def mark_closed(self, error: ClassMeshError | None = None) -> None:
+        """Closed from now on (the signal stream ends, with `error` if given, once it has
+        sent what is buffered); the caller frees the back-end peer."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_error = error
+        asyncio.get_running_loop().create_task(self._notify())
+
     async def close(self, error: ClassMeshError | None = None) -> None:
-        """Mark closed (the signal stream ends, with `error` if given); the caller frees the
-        back-end peer."""
         if self.closed:
             return
         self.closed = True
@@ -455,31 +464,55 @@ class MediaService:
         """The caller's peer in the room's router (router and peer created on first use)."""
         me = await self.require_signaler(principal, session_id, room_id)
         entry, _ = await self.create_router(principal, session_id, room_id, check_session=False)
-        peer = entry.peers.get(me.user_id)
-        if peer is None or peer.closed:
-            peer = Peer(entry, me)
+        current = entry.peers.get(me.user_id)
+        if current is not None and not current.closed:
+            await current.ready.wait()  # another call of this user is creating it
+            if not current.closed:
+                return current
+        peer = Peer(entry, me)
+        entry.peers[me.user_id] = peer  # at once: one peer per user and router
+        # Shielded: a caller that goes away (stream cancelled) must not leave a half-made peer.
+        return await asyncio.shield(self._new_peer(entry, me, peer, current))
+
+    async def _new_peer(
+        self, entry: RouterEntry, me: ParticipantRef, peer: Peer, current: Peer | None
+    ) -> Peer:
+        try:
             await entry.backend.add_peer(entry.id, peer.id)
-            if entry.close_time is not None:  # closed meanwhile
+        except ClassMeshError:
+            if entry.peers.get(me.user_id) is peer:
+                del entry.peers[me.user_id]
+            await peer.close()
+            raise
+        finally:
+            peer.ready.set()
+        if entry.close_time is not None:  # closed meanwhile
+            await peer.close()
+            with contextlib.suppress(ClassMeshError):
                 await entry.backend.remove_peer(entry.id, peer.id)
-                raise NotFound("router", entry.id, reason="ROUTER_NOT_FOUND")
-            stale = entry.peers.get(me.user_id)
-            entry.peers[me.user_id] = peer
-            if stale is not None and stale is not peer:
-                await self._drop_peer(entry, stale, None)
-            for track in entry.tracks.values():
-                if track.user_id != me.user_id:
-                    peer.push(M.ServerSignal(track_published=track))
-            await self._apply_room_size(entry)
+            raise NotFound("router", entry.id, reason="ROUTER_NOT_FOUND")
+        if current is not None:
+            await self._drop_peer(entry, current, None)
+        for track in entry.tracks.values():
+            if track.user_id != me.user_id:
+                peer.push(M.ServerSignal(track_published=track))
+        await self._apply_room_size(entry)
         return peer
+
+    @staticmethod
+    def _detach(entry: RouterEntry, peer: Peer, error: ClassMeshError | None) -> None:
+        """The synchronous part of dropping a peer: out of the router, stream closing (no
+        signal of the room reaches it after this)."""
+        if entry.peers.get(peer.user_id) is peer:
+            del entry.peers[peer.user_id]
+        peer.mark_closed(error)
 
     async def _drop_peer(
         self, entry: RouterEntry, peer: Peer, error: ClassMeshError | None
     ) -> list[str]:
         """Close a peer that is no longer (or never was) the user's current one: its stream
         ends, the back-end frees it, its tracks are unpublished."""
-        if entry.peers.get(peer.user_id) is peer:
-            del entry.peers[peer.user_id]
-        await peer.close(error)
+        self._detach(entry, peer, error)
         with contextlib.suppress(ClassMeshError):
             await entry.backend.remove_peer(entry.id, peer.id)
         unpublished = list(peer.producers)
@@ -857,7 +890,9 @@ class MediaService:
             return ack
         if kind == "leave":
             reply = peer.push(M.ServerSignal(signal_id=signal.signal_id, ack=M.SignalAck()))
-            await self._drop_peer(entry, peer, None)
+            self._detach(entry, peer, None)  # the ack is the last signal of this peer
+            # Shielded: the client may cancel its stream as soon as it has the ack.
+            await asyncio.shield(self._drop_peer(entry, peer, None))
             return reply
         raise Unimplemented("UNIMPLEMENTED", f"{kind} is not implemented yet")
 
