@@ -20,8 +20,16 @@ from aiortc.mediastreams import MediaStreamError
 from classmesh.media.v1 import media_pb2 as M
 from classmesh_sdk import MediaSession
 from tests.conftest import create_database, drop_database
-from tests.support.classroom import Mesh, classroom_mesh, live_class, mesh_env
+from tests.support.classroom import (
+    Mesh,
+    classroom_mesh,
+    live_class,
+    mesh_env,
+    open_breakout_room,
+    uid,
+)
 from tests.support.media import (
+    LOOPBACK,
     alive,
     media_workers_of,
     parent_of,
@@ -245,6 +253,41 @@ async def test_set_preferred_layers_names_the_janus_backend(mesh: Mesh) -> None:
     finally:
         await sub.close()
         await pub.close()
+
+
+async def test_move_across_workers_republishes(mesh: Mesh) -> None:
+    """A publisher moved to a room whose router runs on another worker cannot keep its
+    publisher connection: RouterMoved says republish, the SDK publishes again, and the
+    room's subscriber decodes the moved tracks."""
+    klass = await live_class(mesh, students=2)
+    a, b = list(klass.students)
+    room = await open_breakout_room(mesh, klass.id, [a, b])
+    teacher, _ = await publisher(klass.inst, klass.id)
+    mover, _ = await publisher(klass.students[b], klass.id)  # main room: 2 peers there
+    sub = MediaSession(klass.students[a], klass.id, breakout_room_id=room, ice_hosts=LOOPBACK)
+    try:
+        await sub.start()
+        routers = {
+            r.breakout_room_id: r
+            for r in (await klass.inst.media.list_routers(session_id=klass.id)).routers
+        }
+        assert routers[""].node_id != routers[room].node_id  # the least-loaded worker
+        await klass.inst.media.move_participant(
+            request_id=uid("mv"), session_id=klass.id, user_id=b, to_breakout_room_id=room
+        )
+        await mover.wait_moved(1)
+        (moved,) = [s.router_moved for s in mover.signals if s.HasField("router_moved")]
+        assert moved.republish and moved.to_router_id == routers[room].id
+        tracks = await sub.wait_tracks(2)
+        assert {t.user_id for t in tracks} == {b}
+        await sub.subscribe([t.id for t in tracks])
+        got = await remote(sub, 2)
+        await _frames(got["video"])
+        await asyncio.wait_for(got["audio"].recv(), 5)
+    finally:
+        for media in (sub, mover, teacher):
+            await media.close()
+    await klass.inst.sessions.end_session(session_id=klass.id)
 
 
 # ------------------------------------------------------------------------------ no orphans
