@@ -424,11 +424,8 @@ async def test_simulcast_layer_preference_with_chromium_publisher(
             sessions.append(sub)
             await sub.start()
             await sub.wait_tracks(1)
-            # The highest layers, asked for explicitly (proto3 cannot tell an unset
-            # SubscribeTracks.spatial_layer from 0, the lowest).
-            await sub.request(
-                subscribe=M.SubscribeTracks(track_ids=[track_id], spatial_layer=2, temporal_layer=2)
-            )
+            # Layers left unset: the highest (SubscribeTracks' layers are optional).
+            await sub.request(subscribe=M.SubscribeTracks(track_ids=[track_id]))
             video = await sub.next_remote_track(timeout=10)
             await _settles_on(video, 640)
             for spatial, width in ((0, 160), (1, 320), (2, 640)):

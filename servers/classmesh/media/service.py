@@ -941,8 +941,8 @@ class MediaService:
             peer.id,
             ids,
             audio_only=sub.audio_only or entry.audio_only_forced,
-            spatial_layer=sub.spatial_layer,
-            temporal_layer=sub.temporal_layer,
+            spatial_layer=sub.spatial_layer if sub.HasField("spatial_layer") else 2,
+            temporal_layer=sub.temporal_layer if sub.HasField("temporal_layer") else 2,
         )
         for track_id in ids:
             state = peer.consumers.get(track_id)

@@ -600,9 +600,11 @@ class SubscribeTracks(_message.Message):
     TEMPORAL_LAYER_FIELD_NUMBER: _builtins.int
     AUDIO_ONLY_FIELD_NUMBER: _builtins.int
     spatial_layer: _builtins.int
-    """Initial spatial layer, 0-2 (default: highest allowed)."""
+    """Initial spatial layer, 0-2; unset = the highest (2). Only a simulcast back-end (janus)
+    forwards less than the one layer it receives.
+    """
     temporal_layer: _builtins.int
-    """Initial temporal layer, 0-2 (default: highest)."""
+    """Initial temporal layer, 0-2; unset = the highest (2)."""
     audio_only: _builtins.bool
     """Audio-only mode: video tracks in track_ids are negotiated but no video is forwarded
     (seed 003 graceful degradation chosen by the client).
@@ -615,15 +617,22 @@ class SubscribeTracks(_message.Message):
         self,
         *,
         track_ids: _abc.Iterable[_builtins.str] | None = ...,
-        spatial_layer: _builtins.int = ...,
-        temporal_layer: _builtins.int = ...,
+        spatial_layer: _builtins.int | None = ...,
+        temporal_layer: _builtins.int | None = ...,
         audio_only: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_spatial_layer", b"_spatial_layer", "_temporal_layer", b"_temporal_layer", "spatial_layer", b"spatial_layer", "temporal_layer", b"temporal_layer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_only", b"audio_only", "spatial_layer", b"spatial_layer", "temporal_layer", b"temporal_layer", "track_ids", b"track_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_spatial_layer", b"_spatial_layer", "_temporal_layer", b"_temporal_layer", "audio_only", b"audio_only", "spatial_layer", b"spatial_layer", "temporal_layer", b"temporal_layer", "track_ids", b"track_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__spatial_layer: _TypeAlias = _typing.Literal["spatial_layer"]  # noqa: Y015
+    _WhichOneofArgType__spatial_layer: _TypeAlias = _typing.Literal["_spatial_layer", b"_spatial_layer"]  # noqa: Y015
+    _WhichOneofReturnType__temporal_layer: _TypeAlias = _typing.Literal["temporal_layer"]  # noqa: Y015
+    _WhichOneofArgType__temporal_layer: _TypeAlias = _typing.Literal["_temporal_layer", b"_temporal_layer"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__spatial_layer) -> _WhichOneofReturnType__spatial_layer | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temporal_layer) -> _WhichOneofReturnType__temporal_layer | None: ...
 
 Global___SubscribeTracks: _TypeAlias = SubscribeTracks  # noqa: Y015
 

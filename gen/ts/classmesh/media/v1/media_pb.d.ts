@@ -457,18 +457,19 @@ export declare type SubscribeTracks = Message<"classmesh.media.v1.SubscribeTrack
   trackIds: string[];
 
   /**
-   * Initial spatial layer, 0-2 (default: highest allowed).
+   * Initial spatial layer, 0-2; unset = the highest (2). Only a simulcast back-end (janus)
+   * forwards less than the one layer it receives.
    *
-   * @generated from field: int32 spatial_layer = 2;
+   * @generated from field: optional int32 spatial_layer = 2;
    */
-  spatialLayer: number;
+  spatialLayer?: number | undefined;
 
   /**
-   * Initial temporal layer, 0-2 (default: highest).
+   * Initial temporal layer, 0-2; unset = the highest (2).
    *
-   * @generated from field: int32 temporal_layer = 3;
+   * @generated from field: optional int32 temporal_layer = 3;
    */
-  temporalLayer: number;
+  temporalLayer?: number | undefined;
 
   /**
    * Audio-only mode: video tracks in track_ids are negotiated but no video is forwarded
