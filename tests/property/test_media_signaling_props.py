@@ -386,9 +386,11 @@ async def test_property_16_signaling_relay_on_media(
                 continue
             mark = await world.send(person, world.signal(person, unsubscribe=M.UnsubscribeTracks()))
             await world.wait_seq(peer, peer.live, mark.seq)
-            peer.replay_after = data.draw(
-                st.integers(0, mark.seq), label=f"after_seq {person.name}"
-            )
+            # A share of the newest seq, not a range that depends on it: how many signals a
+            # peer saw varies between runs of one example (concurrent steps), and hypothesis
+            # needs the same draws every time it replays an example.
+            share = data.draw(st.integers(0, 100), label=f"after_seq share {person.name}")
+            peer.replay_after = mark.seq * share // 100
             peer.tasks.append(
                 asyncio.create_task(world._read(person, peer, peer.replay_after, peer.replay))
             )

@@ -222,6 +222,22 @@ class Peer:
         self.consumers: dict[str, ConsumerState] = {}  # producer id -> consumer
         #: Set once the back-end has the peer (calls racing its creation wait for it).
         self.ready = asyncio.Event()
+        #: Tracks this peer was told about (track_published minus track_unpublished).
+        self.announced: set[str] = set()
+
+    def announce(self, track: M.Track, *, published: bool) -> None:
+        """Tell the client a track came or went, once each and in that order: a peer being
+        created while the room changes is told about a track once (by the broadcast or by
+        the snapshot of the room it gets when ready), never of the end of one it never
+        heard of."""
+        if published == (track.id in self.announced):
+            return
+        if published:
+            self.announced.add(track.id)
+            self.push(M.ServerSignal(track_published=track))
+        else:
+            self.announced.discard(track.id)
+            self.push(M.ServerSignal(track_unpublished=track))
 
     def push(self, signal: M.ServerSignal) -> M.ServerSignal:
         self.seq += 1
@@ -495,7 +511,7 @@ class MediaService:
             await self._drop_peer(entry, current, None)
         for track in entry.tracks.values():
             if track.user_id != me.user_id:
-                peer.push(M.ServerSignal(track_published=track))
+                peer.announce(track, published=True)
         await self._apply_room_size(entry)
         return peer
 
@@ -709,9 +725,10 @@ class MediaService:
                 )
             )
         )
+        peer.announced.clear()  # RouterMoved: the client forgets the old room's tracks
         for track in new.tracks.values():
             if track.user_id != peer.user_id:
-                peer.push(M.ServerSignal(track_published=track))
+                peer.announce(track, published=True)
         for (producer, spec), (_, old_track) in zip(moved, olds, strict=True):
             fresh = ProducerState(
                 id=spec.producer_id,
@@ -739,7 +756,7 @@ class MediaService:
             peer.producers[fresh.id] = fresh
             for other in list(new.peers.values()):
                 if other is not peer and not other.closed:
-                    other.push(M.ServerSignal(track_published=track))
+                    other.announce(track, published=True)
         await self._apply_room_size(old)
         await self._apply_room_size(new)
 
@@ -1046,7 +1063,7 @@ class MediaService:
         peer.producers[producer.id] = producer
         for other in list(entry.peers.values()):
             if other is not peer and not other.closed:
-                other.push(M.ServerSignal(track_published=track))
+                other.announce(track, published=True)
         return M.ServerSignal(
             publish_accepted=M.PublishAccepted(client_track_id=pub.client_track_id, track=track)
         )
@@ -1071,7 +1088,7 @@ class MediaService:
         for other in list(entry.peers.values()):
             other.consumers.pop(producer_id, None)
             if other is not peer and not other.closed:
-                other.push(M.ServerSignal(track_unpublished=track))
+                other.announce(track, published=False)
         with contextlib.suppress(ClassMeshError):
             await self._log_track(principal, track, published=False)
 
