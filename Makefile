@@ -74,6 +74,7 @@ run: venv web
 
 bench: venv
 	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	@echo "== bench/gateway.py"; $(BIN)/python bench/gateway.py
 	@echo "== bench/sfu.py --quick"; $(BIN)/python bench/sfu.py --quick
 
 clean:

@@ -18,7 +18,7 @@ whose text carries the send time (monotonic clock, same process); latency = send
 started -> a subscriber parsed the event. p50/p95/p99 per path and deliveries missing after
 the drain.
 
-Run: .venv/bin/python bench/bench_gateway.py [--duration S] [--subscribers N] [--rate R]
+Run: .venv/bin/python bench/gateway.py [--duration S] [--subscribers N] [--rate R]
 """
 
 from __future__ import annotations
