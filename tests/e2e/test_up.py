@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from pathlib import Path
 
+import aiohttp
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -87,3 +90,61 @@ async def test_up_on_embedded_default(tmp_path: Path) -> None:
     await _check_lifecycle(mesh)
     # The embedded Redis stopped with the mesh (redis-server removes its socket on exit).
     assert not (tmp_path / "data" / "redis" / "redis.sock").exists()
+
+
+def _gateway_children(pid: int) -> list[int]:
+    """Live children of `pid` running `classmesh ... serve gateway`."""
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat[1]) == pid and stat[0] != "Z" and b"serve" in cmd and b"gateway" in cmd:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+async def test_up_runs_the_gateway_in_a_child_that_dies_with_it(
+    admin_database_url: str, redis_url: str, tmp_path: Path, how: signal.Signals
+) -> None:
+    dsn = await create_database(admin_database_url)
+    try:
+        mesh = start_mesh(
+            {
+                "CLASSMESH_DATABASE_URL": dsn,
+                "CLASSMESH_REDIS_URL": redis_url,
+                "CLASSMESH_REDIS_PREFIX": f"cm_up_{tmp_path.name}",
+                "CLASSMESH_DATA_DIR": str(tmp_path / "data"),
+            },
+            str(tmp_path / "stderr.log"),
+        )
+        try:
+            mesh.wait_ready()
+            children = _gateway_children(mesh.proc.pid)
+            assert len(children) == 1, mesh.stderr_tail()
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{mesh.gateway}/healthz") as resp:
+                    assert resp.status == 200
+            mesh.proc.send_signal(how)
+            mesh.proc.wait(timeout=15)
+            deadline = time.monotonic() + 5
+            while _gateway_children(mesh.proc.pid) or _alive(children[0]):
+                assert time.monotonic() < deadline, f"gateway outlived classmesh up ({how.name})"
+                await asyncio.sleep(0.1)
+        finally:
+            mesh.kill()
+    finally:
+        await drop_database(admin_database_url, dsn)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

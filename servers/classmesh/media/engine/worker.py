@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -51,6 +50,7 @@ from classmesh.core.errors import (
     InvalidArgument,
     NotFound,
 )
+from classmesh.core.proc import die_with_parent
 from classmesh.media.engine import hooks
 from classmesh.media.engine.backend import (
     BackendEvent,
@@ -683,15 +683,6 @@ def _set_audio_only(consumer: Consumer, audio_only: bool) -> None:
 # --------------------------------------------------------------------- process
 
 
-def _die_with_parent() -> None:
-    """SIGKILL this process when its parent dies (Linux prctl PR_SET_PDEATHSIG)."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-
-
 async def serve(fd: int, worker_id: str, queue_size: int) -> None:
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
@@ -743,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queue-size", type=int, default=64)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 0  # the parent died before we could ask to die with it
     from classmesh.core.logs import configure_logging
