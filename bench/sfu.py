@@ -386,7 +386,26 @@ async def main(args: argparse.Namespace) -> None:
         ],
         table,
     )
-    print_json("sfu", {"seconds": seconds, "rows": [asdict(r) for r in rows]})
+    # The per-subscriber figure at small N carries the publisher's ingest; the cost of one
+    # more subscriber is the slope between the smallest and the largest N.
+    slopes: dict[str, float] = {}
+    for backend in ("aiortc", "janus"):
+        measured = sorted(
+            (r for r in rows if r.backend == backend and r.subscribers_up), key=lambda r: r.n
+        )
+        if len(measured) >= 2 and measured[-1].n > measured[0].n:
+            lo, hi = measured[0], measured[-1]
+            slopes[backend] = (hi.forwarding_cpu_pct - lo.forwarding_cpu_pct) / (hi.n - lo.n)
+            print(
+                f"{backend}: one more subscriber costs {slopes[backend]:.3f} % of a core "
+                f"(N {lo.n} -> {hi.n})"
+            )
+    if slopes.get("aiortc") and slopes.get("janus"):
+        print(f"aiortc/janus per added subscriber: {slopes['aiortc'] / slopes['janus']:.2f}")
+    print_json(
+        "sfu",
+        {"seconds": seconds, "rows": [asdict(r) for r in rows], "per_added_subscriber": slopes},
+    )
 
 
 def _ints(text: str) -> list[int]:
