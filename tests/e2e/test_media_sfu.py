@@ -93,12 +93,14 @@ async def test_three_subscribers_decode_and_late_joiner_gets_keyframe(mesh: Mesh
         # aiortc's encoder sends keyframes only every ~100 s: a late subscriber can only
         # decode within 2 s if its join made the SFU ask the publisher (PLI).
         await asyncio.sleep(10)
+        joined = time.monotonic()
         late, remote = await _subscriber(klass.students[users[3]], klass.id)
         subs.append(late)
-        t0 = time.monotonic()
-        frame = await video_frame(remote["video"], 2.5)
+        frame = await video_frame(remote["video"], 2)
         assert (frame.width, frame.height) == (640, 360)
-        assert time.monotonic() - t0 < 2.5
+        # From the start of its media session (signaling, ICE, DTLS included) to a decoded
+        # keyframe: the 2 s (measured on loopback: about 0.1 s).
+        assert time.monotonic() - joined < 2.0, time.monotonic() - joined
         # The log got the track events.
         async with mesh.pool.acquire() as conn:
             types = await conn.fetch(
@@ -475,8 +477,8 @@ async def test_h264_passthrough(mesh: Mesh) -> None:
         late, late_remote = await _subscriber(klass.students[b], klass.id)
         subs.append(late)
         t0 = time.monotonic()
-        frame = await video_frame(late_remote["video"], 2.5)
-        assert (frame.width, frame.height) == (640, 360) and time.monotonic() - t0 < 2.5
+        frame = await video_frame(late_remote["video"], 2)
+        assert (frame.width, frame.height) == (640, 360) and time.monotonic() - t0 < 2.0
         stats = (await klass.inst.media.get_media_stats(session_id=klass.id)).routers
         assert stats[0].forwarded_frames > 0
         # A publisher that offers only H.264 without asking for a codec gets H.264.
