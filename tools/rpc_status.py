@@ -45,7 +45,7 @@ def table() -> str:
                 (True, True): "bidi stream",
             }[(m.client_streaming, m.server_streaming)]
             works = impl is not None and m.name in impl.__dict__
-            status = "works" if works else "UNIMPLEMENTED (service issue pending)"
+            status = "works" if works else "UNIMPLEMENTED (not built yet)"
             rows.append(f"| {svc.name} | `{m.name}` | {kind} | {status} |")
     return "\n".join(rows)
 

@@ -1,4 +1,4 @@
-"""MediaService on the Janus back-end end to end (issue 6): `classmesh up` with
+"""MediaService on the Janus back-end end to end: `classmesh up` with
 CLASSMESH_MEDIA_BACKEND=janus, Debian's Janus in a private network namespace, real aiortc
 peers (the SDK's MediaSession) and Chromium as a simulcast publisher.
 

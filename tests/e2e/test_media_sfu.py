@@ -1,5 +1,5 @@
 """MediaService SFU end to end: real aiortc peers on loopback through `classmesh up` and the
-SDK's MediaSession (issue 6, first slice): decode on 3 subscribers, keyframe on a late
+SDK's MediaSession: decode on 3 subscribers, keyframe on a late
 join (PLI), audio-only, moderator mute, removal closes the peer, non-admitted users denied."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Media worker processes end to end (issue 6): forwarding runs in worker processes, not in
+"""Media worker processes end to end: forwarding runs in worker processes, not in
 the signaling process; routers go to the least-loaded worker; closing a session frees every
 peer and transport in the worker; a SIGKILLed worker is replaced, its routers re-created and
 clients renegotiate (MediaRestarted) until media flows again; workers die with their parent

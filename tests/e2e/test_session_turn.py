@@ -1,4 +1,4 @@
-"""TURN in the join response (issue 6): JoinSession hands every participant, in the lobby or
+"""TURN in the join response: JoinSession hands every participant, in the lobby or
 admitted, guests included, RTCPeerConnection ICE servers with time-limited coturn REST
 credentials that verify against the shared secret; none without TURN configuration.
 
