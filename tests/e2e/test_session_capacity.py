@@ -1,4 +1,4 @@
-"""Exact capacity under concurrency (seed 003 property 7, issue 4 "Capacity race").
+"""Exact capacity under concurrency (seed 003 property 7).
 
 200 concurrent JoinSession calls on capacity 30, for a class (students wait in the lobby,
 which holds a seat) and a study room (admitted directly): exactly 30 seated, 170
