@@ -1,7 +1,7 @@
 """gRPC edge of AdminService: protobuf <-> domain, nothing else.
 
 Implemented: GetTenant, CreateApiKey, ListApiKeys, RevokeApiKey. The others (UpdateTenant,
-webhooks, ListAuditLogs) answer UNIMPLEMENTED from the generated base until their issue.
+webhooks, ListAuditLogs) answer UNIMPLEMENTED from the generated base (README status table).
 """
 
 from __future__ import annotations
