@@ -275,6 +275,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION without a more specific reason."""
     ERROR_REASON_RESOURCE_EXHAUSTED: _ErrorReason.ValueType  # 93
     """RESOURCE_EXHAUSTED without a more specific reason."""
+    ERROR_REASON_WEBHOOK_LIMIT_REACHED: _ErrorReason.ValueType  # 100
+    """--- admin ---
+    FAILED_PRECONDITION: the tenant already has the maximum number of webhooks (metadata
+    "limit"); delete one first.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason a ClassMesh service puts in google.rpc.ErrorInfo.reason (domain
@@ -452,6 +457,11 @@ ERROR_REASON_FAILED_PRECONDITION: ErrorReason.ValueType  # 92
 """FAILED_PRECONDITION without a more specific reason."""
 ERROR_REASON_RESOURCE_EXHAUSTED: ErrorReason.ValueType  # 93
 """RESOURCE_EXHAUSTED without a more specific reason."""
+ERROR_REASON_WEBHOOK_LIMIT_REACHED: ErrorReason.ValueType  # 100
+"""--- admin ---
+FAILED_PRECONDITION: the tenant already has the maximum number of webhooks (metadata
+"limit"); delete one first.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

@@ -213,6 +213,8 @@ class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActi
     """A failed job was retried by an operator."""
     AUDIT_ACTION_RECORDING_DELETED: _AuditAction.ValueType  # 18
     """A recording was deleted."""
+    AUDIT_ACTION_TENANT_UPDATED: _AuditAction.ValueType  # 19
+    """The tenant's settings (its name) were changed; metadata holds the previous values."""
 
 class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper):
     """Audited action."""
@@ -255,6 +257,8 @@ AUDIT_ACTION_JOB_RETRIED: AuditAction.ValueType  # 17
 """A failed job was retried by an operator."""
 AUDIT_ACTION_RECORDING_DELETED: AuditAction.ValueType  # 18
 """A recording was deleted."""
+AUDIT_ACTION_TENANT_UPDATED: AuditAction.ValueType  # 19
+"""The tenant's settings (its name) were changed; metadata holds the previous values."""
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
 
 @_typing.final

@@ -152,8 +152,12 @@ export declare type ApiKey = Message<"classmesh.admin.v1.ApiKey"> & {
 export declare const ApiKeySchema: GenMessage<ApiKey>;
 
 /**
- * A webhook endpoint receiving signed event deliveries (body = Event as protobuf JSON;
- * header `classmesh-signature` = JWT signed with the webhook secret carrying the body's sha256).
+ * A webhook endpoint receiving signed event deliveries: an HTTP POST whose body is the
+ * classmesh.events.v1.Event as protobuf JSON, with headers `classmesh-event-id` (stable per
+ * event: "<session_id>:<seq>"), `classmesh-delivery-id`, `classmesh-timestamp` (Unix seconds)
+ * and `classmesh-signature: t=<timestamp>,v1=<hex HMAC-SHA256 of "<timestamp>.<body>" keyed
+ * with the webhook secret>` (the SDK's `verify_webhook` checks it). Any 2xx is delivered;
+ * anything else is retried with exponential backoff and jitter, then dead-lettered.
  *
  * @generated from message classmesh.admin.v1.Webhook
  */

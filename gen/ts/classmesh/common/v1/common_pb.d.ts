@@ -776,6 +776,15 @@ export enum ErrorReason {
    * @generated from enum value: ERROR_REASON_RESOURCE_EXHAUSTED = 93;
    */
   RESOURCE_EXHAUSTED = 93,
+
+  /**
+   * --- admin ---
+   * FAILED_PRECONDITION: the tenant already has the maximum number of webhooks (metadata
+   * "limit"); delete one first.
+   *
+   * @generated from enum value: ERROR_REASON_WEBHOOK_LIMIT_REACHED = 100;
+   */
+  WEBHOOK_LIMIT_REACHED = 100,
 }
 
 /**

@@ -1544,6 +1544,13 @@ export enum AuditAction {
    * @generated from enum value: AUDIT_ACTION_RECORDING_DELETED = 18;
    */
   RECORDING_DELETED = 18,
+
+  /**
+   * The tenant's settings (its name) were changed; metadata holds the previous values.
+   *
+   * @generated from enum value: AUDIT_ACTION_TENANT_UPDATED = 19;
+   */
+  TENANT_UPDATED = 19,
 }
 
 /**
