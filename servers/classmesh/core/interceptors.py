@@ -134,17 +134,39 @@ def wrap_handler(handler: Handler, method: str, scope: Scope) -> Handler:
 
         return generator
 
-    ser, de = handler.response_serializer, handler.request_deserializer
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), de, ser)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), de, ser)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream), de, ser)
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(
-            stream_response(handler.stream_stream), de, ser
-        )
+    return _rebuild(
+        handler,
+        lambda kind, inner: (
+            unary_response(inner) if kind.endswith("unary") else stream_response(inner)
+        ),
+    )
+
+
+#: The four RPC kinds: the handler attribute that holds the behaviour, and its constructor.
+_KINDS: tuple[tuple[str, Callable[..., Any]], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
+def _rebuild(
+    handler: Handler,
+    wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]],
+    deserializer: Callable[[bytes], Any] | None = None,
+) -> Handler:
+    """`handler` with its behaviour replaced by `wrap(kind, behaviour)` and, if given, its
+    request deserializer; the one place that knows the four RPC kinds."""
+    for kind, make in _KINDS:
+        inner = getattr(handler, kind)
+        if inner is not None:
+            rebuilt: Handler = make(
+                wrap(kind, inner),
+                deserializer or handler.request_deserializer,
+                handler.response_serializer,
+            )
+            return rebuilt
     return handler
 
 
@@ -219,18 +241,13 @@ def guard_requests(handler: Handler) -> Handler:
 
         return behaviour
 
-    ser = handler.response_serializer
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary_request(handler.unary_unary), safe, ser)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(unary_request(handler.unary_stream), safe, ser)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(stream_request(handler.stream_unary), safe, ser)
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(
-            stream_request(handler.stream_stream), safe, ser
-        )
-    return handler
+    return _rebuild(
+        handler,
+        lambda kind, inner: (
+            unary_request(inner) if kind.startswith("unary") else stream_request(inner)
+        ),
+        safe,
+    )
 
 
 class ScopedInterceptor(grpc.aio.ServerInterceptor, abc.ABC):
