@@ -22,8 +22,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from google.protobuf import field_mask_pb2
 
+from classmesh.admin.v1 import admin_pb2
+from classmesh.common.v1 import common_pb2
 from classmesh.core.auth import AccessToken
+from classmesh.session.v1 import session_pb2
 from classmesh_sdk import (
     NO_RETRY,
     AlreadyExistsError,
@@ -308,7 +312,8 @@ async def test_unknown_kid_is_rejected(admin_mesh: AdminMesh) -> None:
     assert (await _rejected(admin_mesh, stranger.token().to_jwt())).reason == "API_KEY_UNKNOWN"
 
 
-async def test_other_tenants_key_cannot_sign_for_this_tenant(admin_mesh: AdminMesh) -> None:
+async def create_tenant_with_key_cli(admin_mesh: AdminMesh) -> Key:
+    """A new tenant and its admin key, made with `classmesh tenant create`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLASSMESH_")}
     env.update(
         CLASSMESH_DATABASE_URL=admin_mesh.dsn,
@@ -330,7 +335,11 @@ async def test_other_tenants_key_cannot_sign_for_this_tenant(admin_mesh: AdminMe
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     fields = dict(line.split(": ", 1) for line in out.decode().splitlines() if ": " in line)
-    other = Key(fields["key_id"], fields["secret"], fields["tenant_id"])
+    return Key(fields["key_id"], fields["secret"], fields["tenant_id"])
+
+
+async def test_other_tenants_key_cannot_sign_for_this_tenant(admin_mesh: AdminMesh) -> None:
+    other = await create_tenant_with_key_cli(admin_mesh)
     assert other.tenant_id != admin_mesh.tenant_id
 
     # Its own token works and sees its own tenant only.
@@ -363,3 +372,177 @@ async def test_sdk_exceptions_carry_the_status_details(client: ClassMeshClient) 
     assert {f for f, _ in err.field_violations} <= {"page_size", "page_token"}
     assert err.correlation_id, "the server's x-correlation-id is kept for support"
     assert "VALIDATION_FAILED" in str(err)
+
+
+# ------------------------------------------------------------------ tenant and audit log
+
+
+async def test_update_tenant_renames_idempotently_and_is_audited(
+    client: ClassMeshClient, admin_mesh: AdminMesh
+) -> None:
+    new_name = f"renamed-{secrets.token_hex(4)}"
+    request_id = str(uuid.uuid4())
+    mask = field_mask_pb2.FieldMask(paths=["name"])
+    try:
+        first = await client.admin.update_tenant(
+            request_id=request_id, tenant=admin_pb2.Tenant(name=f"  {new_name} "), update_mask=mask
+        )
+        again = await client.admin.update_tenant(
+            request_id=request_id, tenant=admin_pb2.Tenant(name=f"  {new_name} "), update_mask=mask
+        )
+        assert first.tenant.name == new_name and first.tenant.id == admin_mesh.tenant_id
+        assert first.SerializeToString(deterministic=True) == again.SerializeToString(
+            deterministic=True
+        )
+        assert first.tenant.update_time.ToDatetime() >= first.tenant.create_time.ToDatetime()
+        assert first.tenant.api_key_count >= 1
+        got = await client.admin.get_tenant()
+        assert got.tenant.name == new_name
+
+        logs = await client.admin.list_audit_logs(
+            actions=[session_pb2.AUDIT_ACTION_TENANT_UPDATED], page_size=100
+        )
+        mine = [e for e in logs.entries if e.request_id == request_id]
+        assert len(mine) == 1, "a replayed request must not audit twice"
+        entry = mine[0]
+        assert entry.session_id == "" and entry.target_id == admin_mesh.tenant_id
+        assert entry.actor.user_id == "dev-admin"
+        assert entry.metadata["previous"]["name"] == "dev"
+    finally:
+        await client.admin.update_tenant(tenant=admin_pb2.Tenant(name="dev"), update_mask=mask)
+    assert (await client.admin.get_tenant()).tenant.name == "dev"
+
+
+@pytest.mark.parametrize(
+    ("paths", "name", "field"),
+    [
+        ([], "x", "update_mask"),
+        (["id"], "x", "update_mask"),
+        (["name", "status"], "x", "update_mask"),
+        (["name"], "   ", "tenant.name"),
+        (["name"], "n" * 101, "tenant.name"),
+    ],
+)
+async def test_update_tenant_rejects_bad_masks_and_names(
+    client: ClassMeshClient, paths: list[str], name: str, field: str
+) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        await client.admin.update_tenant(
+            tenant=admin_pb2.Tenant(name=name),
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
+            retry=NO_RETRY,
+        )
+    assert info.value.reason == "VALIDATION_FAILED"
+    assert field in {f for f, _ in info.value.field_violations}
+    assert (await client.admin.get_tenant()).tenant.name == "dev"
+
+
+async def test_update_tenant_to_a_taken_name_is_already_exists(
+    client: ClassMeshClient, admin_mesh: AdminMesh
+) -> None:
+    other = await create_tenant_with_key_cli(admin_mesh)
+    async with ClassMeshClient(admin_mesh.target, token=other.token().to_jwt()) as c:
+        other_name = (await c.admin.get_tenant()).tenant.name
+    with pytest.raises(AlreadyExistsError) as info:
+        await client.admin.update_tenant(
+            tenant=admin_pb2.Tenant(name=other_name),
+            update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+        )
+    assert info.value.reason == "ALREADY_EXISTS"
+    assert (await client.admin.get_tenant()).tenant.name == "dev"
+
+
+async def test_student_cannot_update_the_tenant_or_read_the_audit_log(
+    admin_mesh: AdminMesh, key: Key
+) -> None:
+    async with ClassMeshClient(admin_mesh.target, token=key.token(role="student").to_jwt()) as c:
+        with pytest.raises(PermissionDeniedError) as info:
+            await c.admin.update_tenant(
+                tenant=admin_pb2.Tenant(name="student-was-here"),
+                update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+            )
+        assert info.value.reason == "PERMISSION_MISSING"
+        with pytest.raises(PermissionDeniedError):
+            await c.admin.list_audit_logs()
+
+
+async def test_audit_log_covers_key_changes_filters_and_pages(
+    client: ClassMeshClient, key: Key
+) -> None:
+    start = datetime.now(UTC) - timedelta(seconds=5)
+    created = [
+        await client.admin.create_api_key(request_id=str(uuid.uuid4()), name=f"audited {i}")
+        for i in range(3)
+    ]
+    revoke_id = str(uuid.uuid4())
+    await client.admin.revoke_api_key(request_id=revoke_id, api_key_id=created[0].api_key.id)
+
+    # Filter by action and time: the three creations, newest first, walked in pages of 2.
+    time_range = common_pb2.TimeRange()
+    time_range.start_time.FromDatetime(start)
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await client.admin.list_audit_logs(
+            actions=[session_pb2.AUDIT_ACTION_API_KEY_CREATED],
+            time_range=time_range,
+            page_size=2,
+            page_token=token,
+        )
+        assert len(page.entries) <= 2
+        seen += [e.target_id for e in page.entries]
+        token = page.next_page_token
+        if not token:
+            break
+    ours = [c.api_key.id for c in created]
+    assert [k for k in seen if k in ours] == ours[::-1]
+    assert len(seen) == len(set(seen))
+
+    revoked = await client.admin.list_audit_logs(
+        actions=[session_pb2.AUDIT_ACTION_API_KEY_REVOKED], actor_user_id="dev-admin"
+    )
+    entry = next(e for e in revoked.entries if e.request_id == revoke_id)
+    assert entry.target_id == created[0].api_key.id
+    assert entry.actor.role == common_pb2.ROLE_ADMIN
+
+    # Another actor's filter sees none of it; a range in the past sees nothing new.
+    other = await client.admin.list_audit_logs(actor_user_id="nobody-" + secrets.token_hex(3))
+    assert list(other.entries) == [] and other.next_page_token == ""
+    past = common_pb2.TimeRange()
+    past.end_time.FromDatetime(start)
+    old = await client.admin.list_audit_logs(time_range=past, page_size=100)
+    assert not {e.target_id for e in old.entries} & set(ours)
+    # A session filter with no entries is empty, not an error.
+    none = await client.admin.list_audit_logs(session_id=str(uuid.uuid4()))
+    assert list(none.entries) == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"session_id": "not-a-uuid"}, "session_id"),
+        ({"actions": [9999]}, "actions"),
+        ({"actor_user_id": "a" * 256}, "actor_user_id"),
+        ({"page_size": -1}, "page_size"),
+    ],
+)
+async def test_list_audit_logs_rejects_bad_filters(
+    client: ClassMeshClient, fields: dict[str, object], field: str
+) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        await client.admin.list_audit_logs(retry=NO_RETRY, **fields)
+    assert info.value.reason == "VALIDATION_FAILED"
+    assert field in {f for f, _ in info.value.field_violations}
+
+
+async def test_list_audit_logs_bad_time_range_and_page_token(client: ClassMeshClient) -> None:
+    tr = common_pb2.TimeRange()
+    tr.start_time.FromDatetime(datetime.now(UTC))
+    tr.end_time.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
+    with pytest.raises(InvalidArgumentError) as info:
+        await client.admin.list_audit_logs(time_range=tr)
+    assert "time_range" in {f for f, _ in info.value.field_violations}
+    for token in ("garbage!!", _b64(["x", "y"]), _b64([1])):  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError) as info:
+            await client.admin.list_audit_logs(page_token=token)
+        assert info.value.reason == "PAGE_TOKEN_INVALID"

@@ -50,6 +50,8 @@ EXPECTED_ALL = {
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
+    "WebhookVerificationError",
+    "verify_webhook",
 }
 
 #: ClassMeshClient attribute -> service short name (classmesh.<short>.v1).
@@ -102,7 +104,10 @@ def test_every_exported_name_imports() -> None:
 
 
 def test_exception_tree() -> None:
-    errs = [n for n in EXPECTED_ALL if n.endswith("Error") and n != "ClassMeshError"]
+    # WebhookVerificationError is no failed call (it checks a received delivery): a ValueError.
+    local = {"WebhookVerificationError"}
+    errs = [n for n in EXPECTED_ALL if n.endswith("Error") and n not in local | {"ClassMeshError"}]
+    assert issubclass(classmesh_sdk.WebhookVerificationError, ValueError)
     for name in errs:
         assert issubclass(getattr(classmesh_sdk, name), classmesh_sdk.ClassMeshError), name
     assert issubclass(classmesh_sdk.ClassMeshError, Exception)

@@ -24,6 +24,7 @@ from classmesh_sdk._errors import (
 from classmesh_sdk._media import MediaSession
 from classmesh_sdk._retry import NO_RETRY, Retry
 from classmesh_sdk._token import AccessToken
+from classmesh_sdk._webhooks import WebhookVerificationError, verify_webhook
 
 __all__ = [
     "DEFAULT",
@@ -47,4 +48,6 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
+    "WebhookVerificationError",
+    "verify_webhook",
 ]

@@ -1,7 +1,7 @@
 """gRPC edge of AdminService: protobuf <-> domain, nothing else.
 
-Implemented: GetTenant, CreateApiKey, ListApiKeys, RevokeApiKey. The others (UpdateTenant,
-webhooks, ListAuditLogs) answer UNIMPLEMENTED from the generated base (README status table).
+Every RPC is implemented. `create_servicer` also starts this process's webhook dispatcher
+(`classmesh.admin.webhooks`), stopped when the runtime closes.
 """
 
 from __future__ import annotations
@@ -11,16 +11,19 @@ from typing import Any
 import asyncpg
 import grpc
 
-from classmesh.admin.service import AdminService, api_key_cursor
-from classmesh.admin.store import ApiKeyRow
+from classmesh.admin.service import AdminService, AuditFilter, api_key_cursor, time_cursor
+from classmesh.admin.store import ApiKeyRow, TenantRow, WebhookRow
 from classmesh.admin.v1 import admin_pb2, admin_service_pb2, admin_service_pb2_grpc
+from classmesh.admin.webhooks import WebhookDispatcher
 from classmesh.core.auth import current_principal
 from classmesh.core.db import connection
-from classmesh.core.errors import InvalidArgument
+from classmesh.core.errors import InvalidArgument, Validator
 from classmesh.core.mutations import Outcome, run_mutation
 from classmesh.core.paging import encode_page_token, page_size
 from classmesh.core.runtime import Runtime
 from classmesh.core.timeutil import to_timestamp
+from classmesh.session.convert import AUDIT_ACTIONS, audit_proto
+from classmesh.session.service import _time_range
 
 __all__ = ["AdminServicer", "SERVICER_CLASS", "create_servicer"]
 
@@ -48,10 +51,75 @@ def _api_key(row: ApiKeyRow) -> admin_pb2.ApiKey:
     return key
 
 
+_AUDIT_BY_ENUM = {number: name for name, number in AUDIT_ACTIONS.items()}
+MAX_ID = 255
+
+
+def _tenant(row: TenantRow) -> admin_pb2.Tenant:
+    out = admin_pb2.Tenant(
+        id=row.id,
+        name=row.name,
+        status=admin_pb2.TENANT_STATUS_ACTIVE,
+        api_key_count=row.api_key_count,
+        webhook_count=row.webhook_count,
+    )
+    out.create_time.CopyFrom(to_timestamp(row.created_at))
+    if row.updated_at is not None:
+        out.update_time.CopyFrom(to_timestamp(row.updated_at))
+    return out
+
+
+def _webhook(row: WebhookRow) -> admin_pb2.Webhook:
+    out = admin_pb2.Webhook(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        url=row.url,
+        event_types=row.event_types,
+        description=row.description,
+        enabled=row.active,
+        secret_hint=row.secret_hint,
+        consecutive_failures=row.consecutive_failures,
+    )
+    out.create_time.CopyFrom(to_timestamp(row.created_at))
+    out.update_time.CopyFrom(to_timestamp(row.updated_at))
+    if row.last_success_at is not None:
+        out.last_success_time.CopyFrom(to_timestamp(row.last_success_at))
+    return out
+
+
+def _audit_filter(request: admin_service_pb2.ListAuditLogsRequest) -> AuditFilter:
+    v = Validator()
+    session_id = v.require_uuid("session_id", request.session_id) if request.session_id else ""
+    actions: list[str] = []
+    for number in request.actions:
+        if number not in _AUDIT_BY_ENUM:
+            v.add("actions", "unknown audit action")
+            break
+        actions.append(_AUDIT_BY_ENUM[number])
+    for name in ("actor_user_id", "target_user_id"):
+        if len(getattr(request, name)) > MAX_ID:
+            v.add(name, f"length must be between 0 and {MAX_ID} characters")
+    start, end = _time_range(v, "time_range", request.time_range)
+    v.raise_if_any()
+    return AuditFilter(
+        session_id=session_id,
+        actor_id=request.actor_user_id,
+        target_user_id=request.target_user_id,
+        actions=actions,
+        created_from=start,
+        created_until=end,
+    )
+
+
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     def __init__(self, runtime: Runtime, service: AdminService | None = None) -> None:
         self.runtime = runtime
-        self.service = service or AdminService()
+        self.service = service or AdminService(max_webhooks=runtime.config.webhook_max_per_tenant)
+        self.dispatcher = WebhookDispatcher(runtime)
+
+    def start_background(self) -> None:
+        self.dispatcher.start()
+        self.runtime.on_close(self.dispatcher.stop)
 
     async def GetTenant(
         self, request: admin_service_pb2.GetTenantRequest, context: _Ctx
@@ -59,11 +127,31 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         principal = current_principal()
         async with connection(self.runtime.pool) as conn:
             tenant = await self.service.get_tenant(conn, principal)
-        out = admin_pb2.Tenant(
-            id=tenant.id, name=tenant.name, status=admin_pb2.TENANT_STATUS_ACTIVE
+        return admin_service_pb2.GetTenantResponse(tenant=_tenant(tenant))
+
+    async def UpdateTenant(
+        self, request: admin_service_pb2.UpdateTenantRequest, context: _Ctx
+    ) -> admin_service_pb2.UpdateTenantResponse:
+        principal = current_principal()
+
+        async def work(conn: asyncpg.Connection) -> Outcome[admin_service_pb2.UpdateTenantResponse]:
+            row = await self.service.update_tenant(
+                conn,
+                principal,
+                paths=list(request.update_mask.paths),
+                name=request.tenant.name,
+                request_id=request.request_id,
+            )
+            return Outcome(admin_service_pb2.UpdateTenantResponse(tenant=_tenant(row)))
+
+        return await run_mutation(
+            self.runtime,
+            principal,
+            _SERVICE + "UpdateTenant",
+            request,
+            admin_service_pb2.UpdateTenantResponse,
+            work,
         )
-        out.create_time.CopyFrom(to_timestamp(tenant.created_at))
-        return admin_service_pb2.GetTenantResponse(tenant=out)
 
     async def CreateApiKey(
         self, request: admin_service_pb2.CreateApiKeyRequest, context: _Ctx
@@ -79,6 +167,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                 conn,
                 principal,
                 description=request.name,
+                request_id=request.request_id,
             )
             assert created.row is not None
             return Outcome(
@@ -126,6 +215,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                 conn,
                 principal,
                 key_id=request.api_key_id,
+                request_id=request.request_id,
             )
             return Outcome(admin_service_pb2.RevokeApiKeyResponse(api_key=_api_key(row)))
 
@@ -140,9 +230,95 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self.runtime.keys.invalidate(request.api_key_id)
         return response
 
+    async def CreateWebhook(
+        self, request: admin_service_pb2.CreateWebhookRequest, context: _Ctx
+    ) -> admin_service_pb2.CreateWebhookResponse:
+        principal = current_principal()
+
+        async def work(
+            conn: asyncpg.Connection,
+        ) -> Outcome[admin_service_pb2.CreateWebhookResponse]:
+            created = await self.service.create_webhook(
+                conn,
+                principal,
+                url=request.url,
+                event_types=list(request.event_types),
+                description=request.description,
+                request_id=request.request_id,
+            )
+            return Outcome(
+                admin_service_pb2.CreateWebhookResponse(
+                    webhook=_webhook(created.row), secret=created.secret
+                )
+            )
+
+        return await run_mutation(
+            self.runtime,
+            principal,
+            _SERVICE + "CreateWebhook",
+            request,
+            admin_service_pb2.CreateWebhookResponse,
+            work,
+        )
+
+    async def ListWebhooks(
+        self, request: admin_service_pb2.ListWebhooksRequest, context: _Ctx
+    ) -> admin_service_pb2.ListWebhooksResponse:
+        principal = current_principal()
+        size = page_size(request.page_size, default=50, cap=100)
+        after = time_cursor(request.page_token)
+        async with connection(self.runtime.pool) as conn:
+            rows = await self.service.list_webhooks(conn, principal, limit=size + 1, after=after)
+        page, more = rows[:size], len(rows) > size
+        token = encode_page_token(page[-1].created_at.isoformat(), page[-1].id) if more else ""
+        return admin_service_pb2.ListWebhooksResponse(
+            webhooks=[_webhook(r) for r in page], next_page_token=token
+        )
+
+    async def DeleteWebhook(
+        self, request: admin_service_pb2.DeleteWebhookRequest, context: _Ctx
+    ) -> admin_service_pb2.DeleteWebhookResponse:
+        principal = current_principal()
+
+        async def work(
+            conn: asyncpg.Connection,
+        ) -> Outcome[admin_service_pb2.DeleteWebhookResponse]:
+            row = await self.service.delete_webhook(
+                conn, principal, webhook_id=request.webhook_id, request_id=request.request_id
+            )
+            return Outcome(admin_service_pb2.DeleteWebhookResponse(webhook=_webhook(row)))
+
+        return await run_mutation(
+            self.runtime,
+            principal,
+            _SERVICE + "DeleteWebhook",
+            request,
+            admin_service_pb2.DeleteWebhookResponse,
+            work,
+        )
+
+    async def ListAuditLogs(
+        self, request: admin_service_pb2.ListAuditLogsRequest, context: _Ctx
+    ) -> admin_service_pb2.ListAuditLogsResponse:
+        principal = current_principal()
+        size = page_size(request.page_size, default=50, cap=100)
+        where = _audit_filter(request)
+        after = time_cursor(request.page_token)
+        async with connection(self.runtime.pool) as conn:
+            rows = await self.service.list_audit_logs(
+                conn, principal, where=where, limit=size + 1, after=after
+            )
+        page, more = rows[:size], len(rows) > size
+        token = encode_page_token(page[-1].created_at.isoformat(), page[-1].id) if more else ""
+        return admin_service_pb2.ListAuditLogsResponse(
+            entries=[audit_proto(r) for r in page], next_page_token=token
+        )
+
 
 SERVICER_CLASS = AdminServicer
 
 
 def create_servicer(runtime: Runtime) -> AdminServicer:
-    return AdminServicer(runtime)  # type: ignore[abstract]  # the rest: UNIMPLEMENTED
+    servicer = AdminServicer(runtime)
+    servicer.start_background()
+    return servicer

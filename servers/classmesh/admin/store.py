@@ -1,4 +1,8 @@
-"""SQL for tenants and API keys. Takes a Connection; the service owns the transaction."""
+"""SQL for tenants, API keys and webhooks. Takes a Connection; the service owns the transaction.
+
+The webhook delivery queue (fan-out of session_events, claims, outcomes) is in
+`classmesh.admin.webhooks`, which owns that background work.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from datetime import datetime
 
 import asyncpg
 
-__all__ = ["ApiKeyRow", "TenantRow", "AdminStore"]
+__all__ = ["ApiKeyRow", "TenantRow", "WebhookRow", "AdminStore"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +20,24 @@ class TenantRow:
     id: str
     name: str
     created_at: datetime
+    updated_at: datetime | None = None
+    api_key_count: int = 0
+    webhook_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRow:
+    id: str
+    tenant_id: str
+    url: str
+    event_types: list[str]
+    description: str
+    active: bool
+    secret_hint: str
+    created_at: datetime
+    updated_at: datetime
+    last_success_at: datetime | None
+    consecutive_failures: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +53,46 @@ class ApiKeyRow:
 
 
 def _tenant(r: asyncpg.Record) -> TenantRow:
-    return TenantRow(id=str(r["id"]), name=r["name"], created_at=r["created_at"])
+    keys = r.get("api_key_count")
+    hooks = r.get("webhook_count")
+    return TenantRow(
+        id=str(r["id"]),
+        name=r["name"],
+        created_at=r["created_at"],
+        updated_at=r.get("updated_at"),
+        api_key_count=int(keys or 0),
+        webhook_count=int(hooks or 0),
+    )
+
+
+def _webhook(r: asyncpg.Record) -> WebhookRow:
+    return WebhookRow(
+        id=str(r["id"]),
+        tenant_id=str(r["tenant_id"]),
+        url=r["url"],
+        event_types=list(r["event_types"]),
+        description=r["description"],
+        active=r["active"],
+        secret_hint=r["secret_hint"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        last_success_at=r["last_success_at"],
+        consecutive_failures=r["consecutive_failures"],
+    )
+
+
+_WEBHOOK_COLS = (
+    "id, tenant_id, url, event_types, description, active, right(secret, 4) AS secret_hint, "
+    "created_at, updated_at, last_success_at, consecutive_failures"
+)
+#: A tenant with its counts (GetTenant, UpdateTenant).
+_TENANT_FULL = (
+    "SELECT t.id, t.name, t.created_at, t.updated_at, "
+    "(SELECT count(*) FROM api_keys k WHERE k.tenant_id = t.id AND k.revoked_at IS NULL) "
+    "AS api_key_count, "
+    "(SELECT count(*) FROM webhooks w WHERE w.tenant_id = t.id) AS webhook_count "
+    "FROM tenants t WHERE t.id = $1"
+)
 
 
 def _key(r: asyncpg.Record) -> ApiKeyRow:
@@ -57,10 +118,29 @@ class AdminStore:
     """Queries of the admin service; every query is scoped to a tenant."""
 
     async def get_tenant(self, conn: asyncpg.Connection, tenant_id: str) -> TenantRow | None:
+        r = await conn.fetchrow(_TENANT_FULL, uuid.UUID(tenant_id))
+        return _tenant(r) if r else None
+
+    async def lock_tenant(self, conn: asyncpg.Connection, tenant_id: str) -> TenantRow | None:
+        """The tenant row, locked for the rest of the transaction (updates, webhook limit)."""
         r = await conn.fetchrow(
-            "SELECT id, name, created_at FROM tenants WHERE id = $1", uuid.UUID(tenant_id)
+            "SELECT id, name, created_at FROM tenants WHERE id = $1 FOR UPDATE",
+            uuid.UUID(tenant_id),
         )
         return _tenant(r) if r else None
+
+    async def rename_tenant(self, conn: asyncpg.Connection, tenant_id: str, name: str) -> bool:
+        """Set the name; False if another tenant has it (names are unique)."""
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "UPDATE tenants SET name = $2, updated_at = now() WHERE id = $1",
+                    uuid.UUID(tenant_id),
+                    name,
+                )
+        except asyncpg.UniqueViolationError:
+            return False
+        return True
 
     async def get_tenant_by_name(self, conn: asyncpg.Connection, name: str) -> TenantRow | None:
         r = await conn.fetchrow("SELECT id, name, created_at FROM tenants WHERE name = $1", name)
@@ -139,3 +219,64 @@ class AdminStore:
             key_id,
         )
         return _key(r) if r else None
+
+    # ------------------------------------------------------------------ webhooks
+
+    async def count_webhooks(self, conn: asyncpg.Connection, tenant_id: str) -> int:
+        n = await conn.fetchval(
+            "SELECT count(*) FROM webhooks WHERE tenant_id = $1", uuid.UUID(tenant_id)
+        )
+        return int(n or 0)
+
+    async def insert_webhook(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        tenant_id: str,
+        url: str,
+        secret: str,
+        event_types: list[str],
+        description: str,
+    ) -> WebhookRow:
+        r = await conn.fetchrow(
+            "INSERT INTO webhooks (tenant_id, url, secret, event_types, description) "
+            f"VALUES ($1, $2, $3, $4, $5) RETURNING {_WEBHOOK_COLS}",
+            uuid.UUID(tenant_id),
+            url,
+            secret,
+            event_types,
+            description,
+        )
+        assert r is not None
+        return _webhook(r)
+
+    async def list_webhooks(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        tenant_id: str,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[WebhookRow]:
+        """Newest first, keyset-paged by (created_at, id)."""
+        rows = await conn.fetch(
+            f"SELECT {_WEBHOOK_COLS} FROM webhooks WHERE tenant_id = $1 "
+            "AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3::uuid)) "
+            "ORDER BY created_at DESC, id DESC LIMIT $4",
+            uuid.UUID(tenant_id),
+            after[0] if after else None,
+            uuid.UUID(after[1]) if after else None,
+            limit,
+        )
+        return [_webhook(r) for r in rows]
+
+    async def delete_webhook(
+        self, conn: asyncpg.Connection, *, tenant_id: str, webhook_id: str
+    ) -> WebhookRow | None:
+        """Delete the webhook; its queued deliveries go with it (foreign key cascade)."""
+        r = await conn.fetchrow(
+            f"DELETE FROM webhooks WHERE tenant_id = $1 AND id = $2 RETURNING {_WEBHOOK_COLS}",
+            uuid.UUID(tenant_id),
+            uuid.UUID(webhook_id),
+        )
+        return _webhook(r) if r else None

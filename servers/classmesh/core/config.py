@@ -152,6 +152,18 @@ class Config:
     connect_max_unacked: int = 1000
     #: Seconds a Connect feed with a full window waits for an ack before SLOW_CONSUMER.
     connect_ack_wait_seconds: float = 10.0
+    #: Webhooks a tenant may have at once (CreateWebhook beyond: WEBHOOK_LIMIT_REACHED).
+    webhook_max_per_tenant: int = 20
+    #: Seconds between two passes of the webhook dispatcher when it found no work.
+    webhook_poll_interval_seconds: float = 1.0
+    #: Deadline (s) of one webhook POST (connect + response).
+    webhook_timeout_seconds: float = 10.0
+    #: Attempts of one delivery before it is dead-lettered.
+    webhook_max_attempts: int = 8
+    #: Retry delay after the first failed attempt (s); doubles per attempt, with jitter.
+    webhook_backoff_base_seconds: float = 10.0
+    #: Longest retry delay (s).
+    webhook_backoff_max_seconds: float = 3600.0
 
     @property
     def effective_peer_target(self) -> str:
@@ -233,6 +245,12 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         "gateway_stream_idle_seconds",
         "gateway_slow_client_seconds",
         "gateway_stream_buffer_bytes",
+        "webhook_max_per_tenant",
+        "webhook_poll_interval_seconds",
+        "webhook_timeout_seconds",
+        "webhook_max_attempts",
+        "webhook_backoff_base_seconds",
+        "webhook_backoff_max_seconds",
     ):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"CLASSMESH_{name.upper()} must be positive")

@@ -1130,25 +1130,31 @@ class SessionStore:
         conn: asyncpg.Connection,
         *,
         tenant_id: str,
-        session_id: str,
+        session_id: str | None,
         actions: Sequence[str],
         actor_id: str,
         created_from: datetime | None,
         created_until: datetime | None,
         after: tuple[datetime, str] | None,
         limit: int,
+        target_user_id: str = "",
     ) -> list[AuditRow]:
-        where = ["tenant_id = $1", "session_id = $2"]
-        args: list[Any] = [_u(tenant_id), _u(session_id)]
+        where = ["tenant_id = $1"]
+        args: list[Any] = [_u(tenant_id)]
 
         def arg(value: Any) -> str:
             args.append(value)
             return f"${len(args)}"
 
+        # None: the whole tenant (AdminService.ListAuditLogs), tenant-level entries included.
+        if session_id is not None:
+            where.append(f"session_id = {arg(_u(session_id))}")
         if actions:
             where.append(f"action = ANY({arg(list(actions))}::text[])")
         if actor_id:
             where.append(f"actor_id = {arg(actor_id)}")
+        if target_user_id:
+            where.append(f"target_type = 'user' AND target_id = {arg(target_user_id)}")
         if created_from is not None:
             where.append(f"created_at >= {arg(created_from)}")
         if created_until is not None:
