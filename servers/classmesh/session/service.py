@@ -27,6 +27,7 @@ import asyncpg
 from google.protobuf import field_mask_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
+from classmesh.breakout.service import close_rooms_for_session_end
 from classmesh.common.v1 import common_pb2
 from classmesh.core.auth import ANY_SESSION, AccessToken, Principal, require
 from classmesh.core.config import Config
@@ -906,6 +907,7 @@ class SessionService:
         self._require_owner(principal, row)
         check_live(row.id, row.status)
         events = _Events(row.tenant_id, row.id, self._actor(principal), req.request_id)
+        await close_rooms_for_session_end(conn, row.tenant_id, row.id, events)
         count = await self._close_everyone(conn, row, events, reason="session_ended")
         updated = await self.store.update_session(
             conn,
