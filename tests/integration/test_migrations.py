@@ -34,6 +34,8 @@ EXPECTED_MIGRATIONS = [
     "0006_admin",
     "0007_session_service",
     "0008_interaction_service",
+    "0009_webhook_delivery",
+    "0010_breakout_service",
 ]
 
 EXPECTED_TABLES = {
@@ -373,16 +375,21 @@ async def test_status_and_command_output(empty_database_url: str) -> None:
         "applied  0004_interaction",
         "applied  0005_recording",
         "applied  0006_admin",
-        "pending  0007_session_service",
-        "pending  0008_interaction_service",
+        "applied  0007_session_service",
+        "applied  0008_interaction_service",
+        "pending  0009_webhook_delivery",
+        "pending  0010_breakout_service",
     ]
     up = await run_migrate_command(empty_database_url, "up")
-    assert up.splitlines() == ["applied  0007_session_service", "applied  0008_interaction_service"]
+    assert up.splitlines() == [
+        "applied  0009_webhook_delivery",
+        "applied  0010_breakout_service",
+    ]
     assert await run_migrate_command(empty_database_url, "up") == "already up to date"
     down = await run_migrate_command(empty_database_url, "down", steps=2)
     assert down.splitlines() == [
-        "reverted 0008_interaction_service",
-        "reverted 0007_session_service",
+        "reverted 0010_breakout_service",
+        "reverted 0009_webhook_delivery",
     ]
     with pytest.raises(ValueError):
         await run_migrate_command(empty_database_url, "sideways")
@@ -396,7 +403,7 @@ async def test_concurrent_runners_apply_each_migration_once(empty_database_url: 
         assert applied == EXPECTED_MIGRATIONS
         assert sorted(len(r) for r in results) == [0, 0, len(EXPECTED_MIGRATIONS)]
         rows = await conns[0].fetch("SELECT version FROM schema_migrations ORDER BY version")
-        assert [r["version"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
+        assert [r["version"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     finally:
         for c in conns:
             await c.close()

@@ -148,6 +148,8 @@ class Config:
     question_max_links: int = 2
     #: Seconds between two runs of the interaction sweeper (poll auto-close, timer expiry).
     interaction_sweep_interval_seconds: float = 1.0
+    #: Seconds between two runs of the breakout sweeper (rooms whose time limit ran out).
+    breakout_sweep_interval_seconds: float = 1.0
     #: Events an InteractionService.Connect client may leave unacknowledged (flow control).
     connect_max_unacked: int = 1000
     #: Seconds a Connect feed with a full window waits for an ack before SLOW_CONSUMER.
@@ -239,6 +241,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         "questions_per_minute",
         "question_votes_per_minute",
         "interaction_sweep_interval_seconds",
+        "breakout_sweep_interval_seconds",
         "connect_max_unacked",
         "connect_ack_wait_seconds",
         "gateway_max_request_bytes",
