@@ -135,6 +135,14 @@ async def test_str017_flow_three_rooms_nine_students(mesh: Mesh) -> None:
         uuid.UUID(klass.id),
     )
     assert {"breakout_rooms_created", "breakout_rooms_closed"} <= {a["action"] for a in audit}
+    # ...and the audit API names every one of them (none UNSPECIFIED).
+    logged = await klass.inst.sessions.list_audit_logs(session_id=klass.id, page_size=100)
+    actions = {e.action for e in logged.entries}
+    assert {
+        session_pb2.AUDIT_ACTION_BREAKOUT_ROOMS_CREATED,
+        session_pb2.AUDIT_ACTION_BREAKOUT_ROOMS_CLOSED,
+    } <= actions
+    assert session_pb2.AUDIT_ACTION_UNSPECIFIED not in actions
     for f in [main_feed, *feeds.values(), *every_student_feed]:
         await f.stop()
 

@@ -215,6 +215,18 @@ class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActi
     """A recording was deleted."""
     AUDIT_ACTION_TENANT_UPDATED: _AuditAction.ValueType  # 19
     """The tenant's settings (its name) were changed; metadata holds the previous values."""
+    AUDIT_ACTION_BREAKOUT_ROOMS_CREATED: _AuditAction.ValueType  # 20
+    """Breakout rooms were opened (metadata: room count, assignment mode)."""
+    AUDIT_ACTION_BREAKOUT_PARTICIPANTS_ASSIGNED: _AuditAction.ValueType  # 21
+    """Participants were assigned to a breakout room."""
+    AUDIT_ACTION_BREAKOUT_PARTICIPANT_MOVED: _AuditAction.ValueType  # 22
+    """A participant was moved between rooms by a moderator."""
+    AUDIT_ACTION_BREAKOUT_ROOMS_EXTENDED: _AuditAction.ValueType  # 23
+    """The breakout rooms' time limit was extended."""
+    AUDIT_ACTION_BREAKOUT_ROOM_CLOSED: _AuditAction.ValueType  # 24
+    """One breakout room was closed (its participants returned to the main room)."""
+    AUDIT_ACTION_BREAKOUT_ROOMS_CLOSED: _AuditAction.ValueType  # 25
+    """All breakout rooms were closed."""
 
 class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper):
     """Audited action."""
@@ -259,6 +271,18 @@ AUDIT_ACTION_RECORDING_DELETED: AuditAction.ValueType  # 18
 """A recording was deleted."""
 AUDIT_ACTION_TENANT_UPDATED: AuditAction.ValueType  # 19
 """The tenant's settings (its name) were changed; metadata holds the previous values."""
+AUDIT_ACTION_BREAKOUT_ROOMS_CREATED: AuditAction.ValueType  # 20
+"""Breakout rooms were opened (metadata: room count, assignment mode)."""
+AUDIT_ACTION_BREAKOUT_PARTICIPANTS_ASSIGNED: AuditAction.ValueType  # 21
+"""Participants were assigned to a breakout room."""
+AUDIT_ACTION_BREAKOUT_PARTICIPANT_MOVED: AuditAction.ValueType  # 22
+"""A participant was moved between rooms by a moderator."""
+AUDIT_ACTION_BREAKOUT_ROOMS_EXTENDED: AuditAction.ValueType  # 23
+"""The breakout rooms' time limit was extended."""
+AUDIT_ACTION_BREAKOUT_ROOM_CLOSED: AuditAction.ValueType  # 24
+"""One breakout room was closed (its participants returned to the main room)."""
+AUDIT_ACTION_BREAKOUT_ROOMS_CLOSED: AuditAction.ValueType  # 25
+"""All breakout rooms were closed."""
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
 
 @_typing.final

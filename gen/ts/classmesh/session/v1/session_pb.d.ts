@@ -1551,6 +1551,48 @@ export enum AuditAction {
    * @generated from enum value: AUDIT_ACTION_TENANT_UPDATED = 19;
    */
   TENANT_UPDATED = 19,
+
+  /**
+   * Breakout rooms were opened (metadata: room count, assignment mode).
+   *
+   * @generated from enum value: AUDIT_ACTION_BREAKOUT_ROOMS_CREATED = 20;
+   */
+  BREAKOUT_ROOMS_CREATED = 20,
+
+  /**
+   * Participants were assigned to a breakout room.
+   *
+   * @generated from enum value: AUDIT_ACTION_BREAKOUT_PARTICIPANTS_ASSIGNED = 21;
+   */
+  BREAKOUT_PARTICIPANTS_ASSIGNED = 21,
+
+  /**
+   * A participant was moved between rooms by a moderator.
+   *
+   * @generated from enum value: AUDIT_ACTION_BREAKOUT_PARTICIPANT_MOVED = 22;
+   */
+  BREAKOUT_PARTICIPANT_MOVED = 22,
+
+  /**
+   * The breakout rooms' time limit was extended.
+   *
+   * @generated from enum value: AUDIT_ACTION_BREAKOUT_ROOMS_EXTENDED = 23;
+   */
+  BREAKOUT_ROOMS_EXTENDED = 23,
+
+  /**
+   * One breakout room was closed (its participants returned to the main room).
+   *
+   * @generated from enum value: AUDIT_ACTION_BREAKOUT_ROOM_CLOSED = 24;
+   */
+  BREAKOUT_ROOM_CLOSED = 24,
+
+  /**
+   * All breakout rooms were closed.
+   *
+   * @generated from enum value: AUDIT_ACTION_BREAKOUT_ROOMS_CLOSED = 25;
+   */
+  BREAKOUT_ROOMS_CLOSED = 25,
 }
 
 /**
