@@ -23,6 +23,7 @@ CREATE TABLE webhook_cursors (
         REFERENCES sessions (tenant_id, id) ON DELETE CASCADE,
     CONSTRAINT webhook_cursors_seq_check CHECK (seq >= 0)
 );
+CREATE INDEX webhook_cursors_tenant_idx ON webhook_cursors (tenant_id);
 
 -- Deliveries a crashed dispatcher left 'running' are claimed again after a lease.
 CREATE INDEX webhook_deliveries_running_idx ON webhook_deliveries (locked_at) WHERE state = 'running';

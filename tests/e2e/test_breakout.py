@@ -12,10 +12,11 @@ from typing import Any
 
 import grpc
 import pytest
+from aiortc.mediastreams import MediaStreamError
 
 from classmesh.breakout.v1 import breakout_pb2, breakout_service_pb2
 from classmesh.session.v1 import session_pb2
-from classmesh_sdk import ClassMeshClient
+from classmesh_sdk import ClassMeshClient, MediaSession
 from tests.support.classroom import (
     Feed,
     Mesh,
@@ -27,6 +28,7 @@ from tests.support.classroom import (
     scope,
     uid,
 )
+from tests.support.media import LOOPBACK, publisher, remote, subscriber, video_frame
 
 Code = grpc.StatusCode
 B = breakout_pb2
@@ -439,3 +441,72 @@ async def test_join_move_and_lobby(mesh: Mesh) -> None:
     left = await inst.breakouts.leave_breakout_room(session_id=klass.id)
     assert left.breakout_room_id == one.id
     await inst.breakouts.close_all_breakout_rooms(session_id=klass.id)
+
+
+async def _decodes(track: Any, frames: int = 5) -> None:
+    for _ in range(frames):
+        await video_frame(track, 5)
+
+
+async def _silent(track: Any) -> None:
+    """Nothing more arrives on `track` (ended, or silent after what was queued)."""
+    with pytest.raises((TimeoutError, MediaStreamError)):
+        for _ in range(200):
+            await asyncio.wait_for(track.recv(), 1.5)
+
+
+async def test_media_follows_the_breakout_rooms(mesh: Mesh) -> None:
+    """Real aiortc peers: opening rooms moves each student's media into its room (a room
+    hears only its own members), closing them brings everyone back to the teacher."""
+    klass = await live_class(mesh, students=3)
+    a, b, c = sorted(klass.students)
+    teacher, teacher_tracks = await publisher(klass.inst, klass.id)
+    talker, _ = await publisher(klass.students[b], klass.id)
+    listener, heard = await subscriber(klass.students[a], klass.id)
+    other = MediaSession(klass.students[c], klass.id, ice_hosts=LOOPBACK)
+    try:
+        assert {t.id for t in await listener.wait_tracks(4)} >= {t.id for t in teacher_tracks}
+        await _decodes(heard["video"])
+        await other.start()
+        await other.wait_tracks(4)
+        created = await klass.inst.breakouts.create_breakout_rooms(
+            session_id=klass.id,
+            explicit=breakout_service_pb2.ExplicitRooms(
+                rooms=[B.BreakoutRoomSpec(user_ids=[a, b]), B.BreakoutRoomSpec(user_ids=[c])]
+            ),
+        )
+        room_ab, room_c = (r.id for r in created.rooms)
+        # a and b are moved into their room; the teacher's media stops reaching a.
+        await listener.wait_moved(1)
+        await talker.wait_moved(1)
+        await other.wait_moved(1)
+        assert (listener.breakout_room_id, other.breakout_room_id) == (room_ab, room_c)
+        in_room = await listener.wait_tracks(2)
+        assert {t.user_id for t in in_room} == {b}
+        assert {t.breakout_room_id for t in in_room} == {room_ab}
+        await _silent(heard["video"])
+        await listener.subscribe([t.id for t in in_room])
+        from_b = await remote(listener, 2)
+        await _decodes(from_b["video"])
+        # c's room is its own: nothing of a, b or the teacher is announced there.
+        await asyncio.sleep(1)
+        assert other.tracks == {}
+        routers = {
+            r.breakout_room_id: r
+            for r in (await klass.inst.media.list_routers(session_id=klass.id)).routers
+        }
+        assert {room_ab, room_c} <= set(routers)
+        # Close all: everyone is back in the main room with the teacher.
+        await klass.inst.breakouts.close_all_breakout_rooms(session_id=klass.id)
+        await listener.wait_moved(2)
+        assert listener.breakout_room_id == ""
+        back = await listener.wait_tracks(4)
+        from_teacher = [t.id for t in back if t.user_id == klass.teacher]
+        assert len(from_teacher) == 2
+        await listener.subscribe(from_teacher)
+        again = await remote(listener, 2)
+        await _decodes(again["video"])
+        await _silent(from_b["video"])
+    finally:
+        for media in (other, listener, talker, teacher):
+            await media.close()

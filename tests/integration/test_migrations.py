@@ -47,7 +47,7 @@ EXPECTED_TABLES = {
     "poll_responses", "whiteboards", "study_timers", "studio_scenes", "studio_assets",
     "studio_state",
     "session_recordings", "recording_jobs", "artifacts",
-    "audit_logs", "webhooks", "webhook_deliveries",
+    "audit_logs", "webhooks", "webhook_deliveries", "webhook_cursors",
 }  # fmt: skip
 
 EXPECTED_ENUMS = {
@@ -123,6 +123,8 @@ EXPECTED_CHECKS = {
     "audit_logs_reason_check",
     "webhooks_description_check", "webhooks_secret_check", "webhooks_url_check",
     "webhook_deliveries_attempts_check",
+    "webhooks_consecutive_failures_check", "webhook_cursors_seq_check",
+    "breakout_rooms_close_reason_check", "breakout_rooms_router_id_check",
     "chat_messages_seq_check",
     "session_polls_max_selections_check", "session_polls_closes_at_check",
     "whiteboards_size_bytes_check", "whiteboards_updated_actor_check",
@@ -231,6 +233,9 @@ EXPECTED_INDEXES = {
     "webhooks_tenant_idx": ("webhooks", False),
     "webhook_deliveries_ready_idx": ("webhook_deliveries", False),
     "webhook_deliveries_tenant_webhook_idx": ("webhook_deliveries", False),
+    "webhook_deliveries_running_idx": ("webhook_deliveries", False),
+    "webhook_cursors_tenant_idx": ("webhook_cursors", False),
+    "breakout_rooms_session_order_idx": ("breakout_rooms", False),
     "chat_messages_scope_seq_idx": ("chat_messages", False),
     "chat_messages_sent_at_idx": ("chat_messages", False),
     "session_polls_closes_at_idx": ("session_polls", False),
