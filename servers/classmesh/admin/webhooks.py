@@ -29,7 +29,6 @@ receivers dedupe on it), `classmesh-delivery-id`, `classmesh-event-type`,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -49,6 +48,7 @@ from google.protobuf import json_format
 from classmesh.core.db import transaction
 from classmesh.core.eventproto import to_event
 from classmesh.core.events import EventRecord, read_events
+from classmesh.core.periodic import Periodic
 from classmesh.core.runtime import Runtime
 
 __all__ = [
@@ -265,42 +265,28 @@ FROM d WHERE w.id = d.webhook_id
 """
 
 
-class WebhookDispatcher:
-    """This process's fan-out and delivery loop; started with the AdminService servicer."""
+class WebhookDispatcher(Periodic):
+    """This process's fan-out and delivery loop; started with the AdminService servicer.
+    A pass that did work is followed at once by the next (a backlog drains); an idle one
+    waits `webhook_poll_interval_seconds`."""
 
     def __init__(self, runtime: Runtime, *, rng: random.Random | None = None) -> None:
+        super().__init__(
+            runtime.config.webhook_poll_interval_seconds,
+            name="webhook dispatch pass",
+            logger=log,
+            drain=True,
+        )
         self._runtime = runtime
         self._cfg = runtime.config
         self._rng = rng or random.Random()
-        self._task: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await super().stop()
         if self._http is not None:
             await self._http.close()
             self._http = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                busy = await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # A database blip must not stop deliveries for good: log, try next pass.
-                log.exception("webhook dispatch pass failed")
-                busy = 0
-            if not busy:
-                await asyncio.sleep(self._cfg.webhook_poll_interval_seconds)
 
     async def run_once(self) -> int:
         """One pass: fan out new events, send due deliveries. Returns the work done."""

@@ -10,8 +10,6 @@ work again.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -34,6 +32,7 @@ from classmesh.core.db import connection, transaction
 from classmesh.core.events import last_seq
 from classmesh.core.feeds import event_feed
 from classmesh.core.mutations import Outcome, run_mutation
+from classmesh.core.periodic import Periodic
 from classmesh.core.runtime import Runtime
 
 __all__ = ["SERVICER_CLASS", "BreakoutServicer", "Sweeper", "create_servicer"]
@@ -46,7 +45,7 @@ _SERVICE = "/classmesh.breakout.v1.BreakoutService/"
 M = TypeVar("M", bound=Message)
 
 
-class Sweeper:
+class Sweeper(Periodic):
     """Closes rooms whose time limit ran out (and rooms of sessions no longer live), as
     the system, every `breakout_sweep_interval`. Safe with many instances: a session is
     swept under its row lock taken with SKIP LOCKED."""
@@ -54,15 +53,10 @@ class Sweeper:
     def __init__(
         self, runtime: Runtime, service: BreakoutService, media: BreakoutMedia, interval: float
     ) -> None:
+        super().__init__(interval, name="breakout sweep", logger=log)
         self._runtime = runtime
         self._service = service
         self._media = media
-        self._interval = interval
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def run_once(self) -> int:
         async with connection(self._runtime.pool) as conn:
@@ -76,23 +70,6 @@ class Sweeper:
             self._media.run_later(result.media)
             closed += result.value
         return closed
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a database blip must not end auto-close for good
-                log.exception("breakout sweep failed")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
 
 class BreakoutServicer(breakout_service_pb2_grpc.BreakoutServiceServicer):
