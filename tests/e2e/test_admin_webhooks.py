@@ -36,6 +36,8 @@ WEBHOOK_ENV = {
     "CLASSMESH_WEBHOOK_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
     "CLASSMESH_WEBHOOK_TIMEOUT_SECONDS": "3",
     "CLASSMESH_WEBHOOK_MAX_PER_TENANT": str(MAX_WEBHOOKS),
+    # The receiver listens on loopback (test_admin_webhook_guard.py runs with the guard on).
+    "CLASSMESH_WEBHOOK_ALLOW_PRIVATE": "1",
 }
 #: Functional deadline for a delivery in these tests (polls are 0.1 s; generous margin).
 DEADLINE = 20.0

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from classmesh.admin.netguard import literal_host_reason
 from classmesh.admin.store import AdminStore, ApiKeyRow, TenantRow, WebhookRow
 from classmesh.core.audit import insert_audit
 from classmesh.core.auth import AccessToken, Principal, require
@@ -103,8 +104,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def check_webhook_url(v: Validator, url: str) -> None:
-    """https with a host; http only to a loopback host (localhost, 127.0.0.0/8, ::1)."""
+def check_webhook_url(v: Validator, url: str, *, allow_private: bool = False) -> None:
+    """https with a host; http only to a loopback host (localhost, 127.0.0.0/8, ::1).
+    Unless `allow_private`, a host that is a non-public IP literal (loopback, private,
+    link-local, ...; netguard.py) is refused; host names are checked at delivery."""
     if not url:
         v.add("url", "is required")
         return
@@ -127,6 +130,8 @@ def check_webhook_url(v: Validator, url: str) -> None:
         v.add("url", "must not carry credentials (the signature authenticates deliveries)")
     elif parts.fragment:
         v.add("url", "must not have a fragment")
+    elif not allow_private and (reason := literal_host_reason(host)) is not None:
+        v.add("url", f"must reach a public address: {reason}")
     elif parts.scheme == "http" and not _is_loopback(host):
         v.add("url", "must use https (http is accepted only for localhost)")
 
@@ -189,10 +194,12 @@ class AdminService:
         store: AdminStore | None = None,
         *,
         max_webhooks: int = 20,
+        allow_private_webhooks: bool = False,
         audit_store: SessionStore | None = None,
     ) -> None:
         self.store = store or AdminStore()
         self.max_webhooks = max_webhooks
+        self.allow_private_webhooks = allow_private_webhooks
         #: The audit log is read with the one query SessionService.ListAuditLogs uses.
         self.audit_store = audit_store or SessionStore()
 
@@ -359,7 +366,7 @@ class AdminService:
     ) -> CreatedWebhook:
         require(principal, roles=("admin",))
         v = Validator()
-        check_webhook_url(v, url)
+        check_webhook_url(v, url, allow_private=self.allow_private_webhooks)
         if len(event_types) > MAX_EVENT_TYPES:
             v.add("event_types", f"at most {MAX_EVENT_TYPES} event types")
         unknown = sorted({t for t in event_types if t not in EVENT_TYPES})

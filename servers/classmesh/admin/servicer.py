@@ -114,7 +114,10 @@ def _audit_filter(request: admin_service_pb2.ListAuditLogsRequest) -> AuditFilte
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     def __init__(self, runtime: Runtime, service: AdminService | None = None) -> None:
         self.runtime = runtime
-        self.service = service or AdminService(max_webhooks=runtime.config.webhook_max_per_tenant)
+        self.service = service or AdminService(
+            max_webhooks=runtime.config.webhook_max_per_tenant,
+            allow_private_webhooks=runtime.config.webhook_allow_private,
+        )
         self.dispatcher = WebhookDispatcher(runtime)
 
     def start_background(self) -> None:

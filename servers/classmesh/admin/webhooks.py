@@ -24,6 +24,11 @@ receivers dedupe on it), `classmesh-delivery-id`, `classmesh-event-type`,
 `classmesh-attempt`, `classmesh-timestamp` (Unix seconds) and
 `classmesh-signature: t=<timestamp>,v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`;
 `classmesh_sdk.verify_webhook` checks it.
+
+Unless `webhook_allow_private` is set, a delivery only goes to public addresses
+(netguard.py): an IP-literal host is checked before sending, a host name through the
+guarded resolver the connection then uses; a refused target fails the attempt with
+`last_error` "refused: ..." and sends nothing.
 """
 
 from __future__ import annotations
@@ -40,11 +45,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
 from google.protobuf import json_format
 
+from classmesh.admin.netguard import BlockedAddress, GuardedResolver, literal_host_reason
 from classmesh.core.db import transaction
 from classmesh.core.eventproto import to_event
 from classmesh.core.events import EventRecord, read_events
@@ -319,7 +326,13 @@ class WebhookDispatcher(Periodic):
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None:
+            connector = (
+                None
+                if self._cfg.webhook_allow_private
+                else aiohttp.TCPConnector(resolver=GuardedResolver())
+            )
             self._http = aiohttp.ClientSession(
+                connector=connector,
                 timeout=aiohttp.ClientTimeout(total=self._cfg.webhook_timeout_seconds),
                 headers={"User-Agent": USER_AGENT},
             )
@@ -339,6 +352,11 @@ class WebhookDispatcher(Periodic):
         }
         status: int | None = None
         error = ""
+        if not self._cfg.webhook_allow_private:
+            reason = literal_host_reason(urlsplit(item.url).hostname or "")
+            if reason is not None:
+                await self._record(item, None, f"refused: {reason} (not a public address)")
+                return
         try:
             async with self._session().post(
                 item.url, data=body, headers=headers, allow_redirects=False
@@ -349,6 +367,11 @@ class WebhookDispatcher(Periodic):
                     error = f"HTTP {status}: {snippet}"
         except asyncio.CancelledError:
             raise
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, BlockedAddress):
+                error = f"refused: {exc.os_error} (not a public address)"
+            else:
+                error = f"{type(exc).__name__}: {exc}"
         except TimeoutError:
             error = f"no response within {self._cfg.webhook_timeout_seconds:g} s"
         except (aiohttp.ClientError, OSError, ValueError) as exc:

@@ -166,6 +166,10 @@ class Config:
     webhook_backoff_base_seconds: float = 10.0
     #: Longest retry delay (s).
     webhook_backoff_max_seconds: float = 3600.0
+    #: Let webhooks reach loopback, private, link-local and other non-public addresses
+    #: (1/true; development and tests only). Off: such URLs are refused at creation and
+    #: deliveries to host names resolving to them fail (server-side request forgery guard).
+    webhook_allow_private: bool = False
 
     @property
     def effective_peer_target(self) -> str:
@@ -200,6 +204,10 @@ def _mask_url(url: str) -> str:
     return url
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
 def load_config(env: Mapping[str, str] | None = None) -> Config:
     """Build the configuration from `CLASSMESH_*` variables (default: os.environ)."""
     env = os.environ if env is None else env
@@ -217,6 +225,11 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
                 kwargs[f.name] = float(raw)
             elif kind == "str | None":
                 kwargs[f.name] = raw or None
+            elif kind == "bool":
+                flag = raw.strip().lower()
+                if flag not in _TRUE | _FALSE:
+                    raise ValueError(raw)
+                kwargs[f.name] = flag in _TRUE
             else:
                 kwargs[f.name] = raw
         except ValueError as exc:
