@@ -3,6 +3,12 @@
  * the lobby, then roster, lobby admission (staff), chat, hand raise, polls and media, all
  * through `@classmesh/web` and the gateway that serves this page.
  *
+ * Breakout rooms: the page follows the participant's room from the session feed
+ * (`breakout_rooms_created`, `participant_moved`, `breakout_room_closed`,
+ * `breakout_rooms_closed`): the room's name, its chat, hand raises, polls and roster replace
+ * the main room's, and the main room's come back when the room closes. Broadcasts from the
+ * instructor show in a banner; staff see the open rooms with their participant counts.
+ *
  * `?token=<JWT>&session=<id>` signs in and joins at once (links, tests); `&name=` sets the
  * display name. Guests: `?join=<join link token>&name=<display name>`, no token. Every element a test drives has an `id` and a `data-testid`.
  */
@@ -20,6 +26,7 @@ import {
 type Participant = pb.session.Participant;
 type Poll = pb.interaction.Poll;
 type PollResults = pb.interaction.PollResults;
+type BreakoutRoom = pb.breakout.BreakoutRoom;
 
 const { ParticipantStatus } = pb.session;
 const { Role } = pb.common;
@@ -36,6 +43,16 @@ interface State {
   local: MediaStream | undefined;
   abort: AbortController;
   interactionStarted: boolean;
+  /** The room the page shows: "" = the main room, else a breakout room id. */
+  roomId: string;
+  /** The interaction feed the page follows (its room and the controller that ends it). */
+  feed: { roomId: string; abort: AbortController } | undefined;
+  /** Seq of the session feed at join time: older room changes are already in `me`. */
+  joinSeq: bigint;
+  /** Names of every breakout room seen (open or closed). */
+  roomNames: Map<string, string>;
+  /** Open breakout rooms (staff: from ListBreakoutRooms, with counts). */
+  openRooms: Map<string, BreakoutRoom>;
   heartbeat: ReturnType<typeof setInterval> | undefined;
   iceServers: RTCIceServer[];
 }
@@ -51,6 +68,11 @@ const state: State = {
   local: undefined,
   abort: new AbortController(),
   interactionStarted: false,
+  roomId: "",
+  feed: undefined,
+  joinSeq: 0n,
+  roomNames: new Map(),
+  openRooms: new Map(),
   heartbeat: undefined,
   iceServers: [],
 };
@@ -124,7 +146,7 @@ function statusName(s: pb.session.ParticipantStatus): string {
 }
 
 function scope(): { sessionId: string; breakoutRoomId: string } {
-  return { sessionId: state.sessionId, breakoutRoomId: state.me?.breakoutRoomId ?? "" };
+  return { sessionId: state.sessionId, breakoutRoomId: state.roomId };
 }
 
 function client(): ClassMeshClient {
@@ -169,6 +191,9 @@ async function join(): Promise<void> {
     }
     state.sessionId = resp.participant.sessionId || resp.session?.id || sessionId;
     state.me = resp.participant;
+    state.joinSeq = resp.lastSeq;
+    state.roomId = resp.participant.breakoutRoomId;
+    renderRoom();
     state.iceServers = resp.iceServers.map((s) => ({
       urls: s.urls,
       ...(s.username ? { username: s.username } : {}),
@@ -212,7 +237,11 @@ function onMyStatus(p: Participant): void {
       show("lobby-wait", false);
       show("classroom", true);
       show("lobby", isStaff(p));
+      show("breakout-panel", isStaff(p));
       startInteraction();
+      if (isStaff(p)) {
+        refreshRooms();
+      }
       break;
     case ParticipantStatus.REMOVED:
       setStatus("removed", p.removalReason);
@@ -264,6 +293,15 @@ async function watch(): Promise<void> {
           setStatus("ended");
           end();
           break;
+        case "breakoutRoomsCreated":
+        case "participantAssigned":
+        case "participantMoved":
+        case "breakoutBroadcast":
+        case "breakoutRoomsExtended":
+        case "breakoutRoomClosed":
+        case "breakoutRoomsClosed":
+          onBreakout(event);
+          break;
         default:
           break;
       }
@@ -274,6 +312,10 @@ async function watch(): Promise<void> {
 }
 
 function upsert(p: Participant): void {
+  if (p.userId === state.me?.userId) {
+    // Our own room is the page's (`state.roomId`), not the snapshot in an older event.
+    p.breakoutRoomId = state.roomId;
+  }
   state.roster.set(p.userId, p);
   if (p.userId === state.me?.userId && p.status !== state.me.status) {
     onMyStatus(p);
@@ -288,7 +330,11 @@ function renderRoster(): void {
   lobby.replaceChildren();
   let lobbyCount = 0;
   for (const p of state.roster.values()) {
-    if (p.status === ParticipantStatus.ADMITTED || p.status === ParticipantStatus.DISCONNECTED) {
+    const here = p.breakoutRoomId === state.roomId;
+    if (
+      here &&
+      (p.status === ParticipantStatus.ADMITTED || p.status === ParticipantStatus.DISCONNECTED)
+    ) {
       const hand = state.hands.get(p.userId) ?? false;
       const li = el(
         "li",
@@ -298,6 +344,7 @@ function renderRoster(): void {
           "data-role": roleName(p.role),
           "data-status": statusName(p.status),
           "data-hand": hand ? "raised" : "down",
+          "data-room-id": p.breakoutRoomId,
         },
         `${p.displayName} · ${roleName(p.role)}${hand ? " · hand raised" : ""}`,
       );
@@ -340,17 +387,236 @@ function startInteraction(): void {
     return;
   }
   state.interactionStarted = true;
+  follow();
+}
+
+/**
+ * Follows `state.roomId`: ends the feed of the room the page left, clears that room's chat,
+ * hands and polls, and subscribes to the new room's feed from its beginning (its history
+ * replays, so a return to the main room shows the main chat again).
+ */
+function follow(): void {
+  if (!state.interactionStarted || state.feed?.roomId === state.roomId) {
+    return;
+  }
+  state.feed?.abort.abort();
+  const roomId = state.roomId;
+  const abort = new AbortController();
+  state.abort.signal.addEventListener("abort", () => abort.abort(), { once: true });
+  state.feed = { roomId, abort };
+  $("chat-log").replaceChildren();
+  $("chat-log").dataset.roomId = roomId;
+  $("polls").replaceChildren();
+  state.polls.clear();
+  state.hands.clear();
+  setHand(false);
+  renderRoster();
   void (async () => {
     try {
-      for await (const event of subscribeInteraction(client(), scope(), {
-        signal: state.abort.signal,
-      })) {
+      for await (const event of subscribeInteraction(
+        client(),
+        { sessionId: state.sessionId, breakoutRoomId: roomId },
+        { signal: abort.signal },
+      )) {
+        if (abort.signal.aborted) {
+          break;
+        }
         onInteraction(event);
       }
     } catch (err) {
-      showError("interaction feed", err);
+      // A feed the page already left may fail on its way out (the room closed): not an error.
+      if (!abort.signal.aborted && state.feed?.abort === abort) {
+        showError("interaction feed", err);
+      }
     }
   })();
+}
+
+function setHand(up: boolean): void {
+  $("hand-state").textContent = up ? "raised" : "down";
+  $("hand-state").dataset.state = up ? "raised" : "down";
+  $("raise-hand").textContent = up ? "Lower hand" : "Raise hand";
+}
+
+// ------------------------------------------------------------------------- breakout rooms
+
+/** Breakout events of the session feed: room names, our own moves, broadcasts, closings. */
+function onBreakout(event: pb.events.Event): void {
+  const p = event.payload;
+  const live = event.seq > state.joinSeq;
+  const me = state.me?.userId ?? "";
+  switch (p.case) {
+    case "breakoutRoomsCreated":
+      for (const room of p.value.rooms) {
+        state.roomNames.set(room.id, room.name);
+        for (const a of room.participants) {
+          if (a.joinedAt !== undefined && a.leftAt === undefined) {
+            placeUser(a.userId, room.id, live);
+          }
+        }
+      }
+      break;
+    case "participantMoved":
+      placeUser(p.value.userId, p.value.toBreakoutRoomId, live);
+      break;
+    case "breakoutRoomClosed":
+      if (p.value.room !== undefined) {
+        state.roomNames.set(p.value.room.id, p.value.room.name);
+        for (const user of p.value.returnedUserIds) {
+          placeUser(user, "", live);
+        }
+        if (live && state.roomId === p.value.room.id) {
+          placeUser(me, "", live);
+        }
+      }
+      break;
+    case "breakoutRoomsClosed":
+      for (const user of p.value.returnedUserIds) {
+        placeUser(user, "", live);
+      }
+      if (live && p.value.breakoutRoomIds.includes(state.roomId)) {
+        placeUser(me, "", live);
+      }
+      break;
+    case "breakoutBroadcast": {
+      const m = p.value.message;
+      if (m !== undefined && (isStaff(state.me) || m.breakoutRoomIds.includes(state.roomId))) {
+        addBroadcast(m);
+      }
+      break;
+    }
+    default:
+      break;
+  }
+  if (isStaff(state.me)) {
+    refreshRooms();
+  }
+}
+
+/** `user` is now in `roomId` ("" = main room). Our own room changes only for live events:
+ * the join response already told where we were when the feed's replay ends. */
+function placeUser(user: string, roomId: string, live: boolean): void {
+  const p = state.roster.get(user);
+  if (user === state.me?.userId) {
+    if (!live) {
+      return;
+    }
+    if (state.roomId !== roomId) {
+      state.roomId = roomId;
+      // Broadcasts belong to the room round the page was in.
+      $("broadcast-list").replaceChildren();
+      show("broadcasts", false);
+      renderRoom();
+      follow();
+    }
+  }
+  if (p !== undefined) {
+    p.breakoutRoomId = user === state.me?.userId ? state.roomId : roomId;
+  }
+  renderRoster();
+}
+
+/** The room bar: which room the page shows (a name fetched when no event named it). */
+function renderRoom(): void {
+  const box = $("room-name");
+  const id = state.roomId;
+  box.dataset.roomId = id;
+  box.dataset.room = id ? "breakout" : "main";
+  document.body.dataset.roomId = id;
+  if (!id) {
+    box.textContent = "Main room";
+    return;
+  }
+  const name = state.roomNames.get(id);
+  box.textContent = name ?? "Breakout room";
+  if (name === undefined && state.client !== undefined) {
+    void client()
+      .breakouts.getBreakoutRoom({ breakoutRoomId: id })
+      .then((r) => {
+        if (r.room !== undefined) {
+          state.roomNames.set(id, r.room.name);
+          if (state.roomId === id) {
+            box.textContent = r.room.name;
+          }
+        }
+      })
+      .catch((err: unknown) => console.warn("GetBreakoutRoom", err));
+  }
+}
+
+function addBroadcast(m: pb.breakout.BreakoutBroadcastMessage): void {
+  const list = $("broadcast-list");
+  if (list.querySelector(`[data-message-id="${CSS.escape(m.id)}"]`)) {
+    return;
+  }
+  const li = el("li", {
+    "data-testid": "broadcast-message",
+    "data-message-id": m.id,
+    "data-sender": m.sender?.userId ?? "",
+  });
+  li.append(el("b", {}, `${m.sender?.displayName || "Instructor"} to all rooms: `));
+  li.append(el("span", { "data-testid": "broadcast-text" }, m.text));
+  list.prepend(li);
+  show("broadcasts", true);
+}
+
+let roomsTimer: ReturnType<typeof setTimeout> | undefined;
+
+/** Staff: the open rooms with counts, from ListBreakoutRooms shortly after each change
+ * (one call for a burst of events, e.g. the feed's replay). */
+function refreshRooms(): void {
+  if (roomsTimer !== undefined) {
+    return;
+  }
+  roomsTimer = setTimeout(() => {
+    roomsTimer = undefined;
+    void (async () => {
+      try {
+        const rooms = new Map<string, BreakoutRoom>();
+        let pageToken = "";
+        do {
+          const page = await client().breakouts.listBreakoutRooms({
+            sessionId: state.sessionId,
+            pageSize: 100,
+            pageToken,
+          });
+          for (const r of page.rooms) {
+            rooms.set(r.id, r);
+            state.roomNames.set(r.id, r.name);
+          }
+          pageToken = page.nextPageToken;
+        } while (pageToken);
+        state.openRooms = rooms;
+        renderRooms();
+      } catch (err) {
+        showError("breakout rooms", err);
+      }
+    })();
+  }, 200);
+}
+
+function renderRooms(): void {
+  const list = $("breakout-list");
+  list.replaceChildren();
+  for (const r of state.openRooms.values()) {
+    const li = el(
+      "li",
+      {
+        "data-testid": "breakout-room-item",
+        "data-room-id": r.id,
+        "data-name": r.name,
+        "data-count": String(r.participantCount),
+      },
+      `${r.name}: ${r.participantCount}/${r.capacity}`,
+    );
+    list.append(li);
+  }
+  $("breakout-count").textContent = String(state.openRooms.size);
+  $("breakout-count").dataset.count = String(state.openRooms.size);
+  if (state.openRooms.size === 0) {
+    $("broadcast-list").replaceChildren();
+    show("broadcasts", false);
+  }
 }
 
 function onInteraction(event: pb.events.Event): void {
@@ -374,9 +640,7 @@ function onInteraction(event: pb.events.Event): void {
         const up = hand.status === pb.interaction.HandRaiseStatus.ACTIVE;
         state.hands.set(hand.raiser.userId, up);
         if (hand.raiser.userId === state.me?.userId) {
-          $("hand-state").textContent = up ? "raised" : "down";
-          $("hand-state").dataset.state = up ? "raised" : "down";
-          $("raise-hand").textContent = up ? "Lower hand" : "Raise hand";
+          setHand(up);
         }
         renderRoster();
       }
@@ -539,7 +803,7 @@ async function media(): Promise<MediaSession> {
   }
   const session = new MediaSession(client(), {
     sessionId: state.sessionId,
-    breakoutRoomId: state.me?.breakoutRoomId ?? "",
+    breakoutRoomId: state.roomId,
     rtcConfiguration: { iceServers: state.iceServers },
   });
   state.media = session;
