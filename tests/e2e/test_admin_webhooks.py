@@ -13,15 +13,18 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from classmesh.admin.v1 import admin_pb2
+from classmesh.session.v1 import session_pb2
 from classmesh_sdk import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     verify_webhook,
 )
 from tests.support.classroom import Mesh, add_student, classroom_mesh, live_class, mesh_env
@@ -303,6 +306,135 @@ async def test_two_dispatchers_deliver_each_event_once(
             "SELECT last_seq FROM sessions WHERE id = $1", uuid.UUID(klass.id)
         )
         assert seqs == list(range(1, last + 1)), "every event exactly once"
+
+
+# ------------------------------------------------------------------------- redelivery
+
+D = admin_pb2
+
+
+async def test_a_dead_delivery_retried_succeeds_once_the_receiver_is_fixed(
+    mesh: Mesh, receiver: Receiver
+) -> None:
+    broken = [True]
+    receiver.plans["fixed"] = lambda _event, _attempt: 500 if broken[0] else 200
+    webhook_id, secret = await _create(mesh, receiver.url("fixed"), ["session_started"])
+    klass = await live_class(mesh)
+    admin = mesh.client("hook-admin", "admin")
+
+    async def mine(*states: D.WebhookDeliveryState.ValueType) -> list[D.WebhookDelivery]:
+        page = await admin.admin.list_webhook_deliveries(
+            webhook_id=webhook_id, states=list(states), page_size=100
+        )
+        return [d for d in page.deliveries if d.event_id.startswith(klass.id + ":")]
+
+    async def settled(state: D.WebhookDeliveryState.ValueType) -> D.WebhookDelivery:
+        end = time.monotonic() + DEADLINE
+        while not (found := await mine(state)):
+            assert time.monotonic() < end, f"no delivery in state {state} within {DEADLINE} s"
+            await asyncio.sleep(0.05)
+        return found[0]
+
+    dead = await settled(D.WEBHOOK_DELIVERY_STATE_DEAD)
+    assert dead.webhook_id == webhook_id and dead.event_type == "session_started"
+    assert (dead.attempts, dead.max_attempts) == (MAX_ATTEMPTS, MAX_ATTEMPTS)
+    assert dead.last_error.startswith("HTTP 500") and dead.response_status == 500
+    assert not dead.HasField("delivered_time") and not dead.HasField("next_attempt_time")
+    assert await mine(D.WEBHOOK_DELIVERY_STATE_SUCCEEDED) == []
+    assert [d.id for d in await mine()] == [dead.id]
+    assert len(receiver.of_session("fixed", klass.id)) == MAX_ATTEMPTS
+
+    broken[0] = False
+    request_id = str(uuid.uuid4())
+    retried = await admin.admin.retry_webhook_delivery(request_id=request_id, delivery_id=dead.id)
+    assert retried.delivery.id == dead.id
+    assert retried.delivery.state == D.WEBHOOK_DELIVERY_STATE_QUEUED
+    assert retried.delivery.max_attempts == 2 * MAX_ATTEMPTS
+    assert retried.delivery.HasField("next_attempt_time")
+
+    done = await settled(D.WEBHOOK_DELIVERY_STATE_SUCCEEDED)
+    assert (done.id, done.attempts, done.response_status) == (dead.id, MAX_ATTEMPTS + 1, 200)
+    assert done.last_error == "" and done.HasField("delivered_time")
+    hits = receiver.of_session("fixed", klass.id)
+    assert [h.headers["classmesh-attempt"] for h in hits] == ["1", "2", "3", "4"]
+    assert len({h.headers["classmesh-event-id"] for h in hits}) == 1
+    assert verify_webhook(hits[-1].body, hits[-1].headers, secret).session_id == klass.id
+
+    # The same request_id answers the first response again and sends nothing more.
+    again = await admin.admin.retry_webhook_delivery(request_id=request_id, delivery_id=dead.id)
+    assert again == retried
+    await asyncio.sleep(0.5)
+    assert len(receiver.of_session("fixed", klass.id)) == MAX_ATTEMPTS + 1
+
+    with pytest.raises(FailedPreconditionError) as info:
+        await admin.admin.retry_webhook_delivery(delivery_id=dead.id)
+    assert info.value.reason == "JOB_NOT_RETRYABLE"
+    assert info.value.metadata["state"] == "succeeded"
+    with pytest.raises(NotFoundError):
+        await admin.admin.retry_webhook_delivery(delivery_id=str(uuid.uuid4()))
+    with pytest.raises(InvalidArgumentError) as bad:
+        await admin.admin.retry_webhook_delivery(delivery_id="nope")
+    assert "delivery_id" in {f for f, _ in bad.value.field_violations}
+    with pytest.raises(PermissionDeniedError):
+        await mesh.client("hook-student").admin.retry_webhook_delivery(delivery_id=dead.id)
+
+    audit = await admin.admin.list_audit_logs(
+        actions=[session_pb2.AUDIT_ACTION_JOB_RETRIED], page_size=100
+    )
+    entry = next(e for e in audit.entries if e.target_id == dead.id)
+    assert entry.request_id == request_id and entry.session_id == ""
+    assert entry.metadata["webhookId"] == webhook_id
+    assert str(entry.metadata["lastError"]).startswith("HTTP 500")
+    assert sum(e.target_id == dead.id for e in audit.entries) == 1
+    await admin.admin.delete_webhook(webhook_id=webhook_id)
+
+
+async def test_list_webhook_deliveries_pages_newest_first_and_validates(
+    mesh: Mesh, receiver: Receiver
+) -> None:
+    webhook_id, _ = await _create(mesh, receiver.url("paged"), [])
+    klass = await live_class(mesh, students=3)
+    expected = await mesh.pool.fetchval(
+        "SELECT count(*) FROM session_events WHERE session_id = $1", uuid.UUID(klass.id)
+    )
+    await _wait_for(lambda: len(receiver.of_session("paged", klass.id)) >= expected, "events")
+    admin = mesh.client("hook-admin", "admin")
+    seen: list[D.WebhookDelivery] = []
+    token = ""
+    while True:
+        page = await admin.admin.list_webhook_deliveries(
+            webhook_id=webhook_id, page_size=2, page_token=token
+        )
+        assert len(page.deliveries) <= 2
+        seen += page.deliveries
+        token = page.next_page_token
+        if not token:
+            break
+    rows = await mesh.pool.fetch(
+        "SELECT id FROM webhook_deliveries WHERE webhook_id = $1 ORDER BY created_at DESC, id DESC",
+        uuid.UUID(webhook_id),
+    )
+    assert [d.id for d in seen] == [str(r["id"]) for r in rows]
+    assert len(seen) >= expected
+    assert all(d.webhook_id == webhook_id for d in seen)
+
+    bad_lists: list[tuple[dict[str, Any], str]] = [
+        ({"webhook_id": ""}, "webhook_id"),
+        ({"webhook_id": "x"}, "webhook_id"),
+        ({"webhook_id": webhook_id, "states": [99]}, "states"),
+    ]
+    for kwargs, field_name in bad_lists:
+        with pytest.raises(InvalidArgumentError) as info:
+            await admin.admin.list_webhook_deliveries(**kwargs)
+        assert field_name in {f for f, _ in info.value.field_violations}
+    with pytest.raises(InvalidArgumentError) as token_info:
+        await admin.admin.list_webhook_deliveries(webhook_id=webhook_id, page_token="garbage!!")
+    assert token_info.value.reason == "PAGE_TOKEN_INVALID"
+    with pytest.raises(NotFoundError):
+        await admin.admin.list_webhook_deliveries(webhook_id=str(uuid.uuid4()))
+    with pytest.raises(PermissionDeniedError):
+        await mesh.client("hook-student").admin.list_webhook_deliveries(webhook_id=webhook_id)
+    await admin.admin.delete_webhook(webhook_id=webhook_id)
 
 
 # ------------------------------------------------------------------------- the API

@@ -3300,6 +3300,72 @@ class AdminServiceClient(ServiceClient):
         )
         return result
 
+    _LIST_WEBHOOK_DELIVERIES = MethodInfo(
+        path="/classmesh.admin.v1.AdminService/ListWebhookDeliveries",
+        request_type=admin_service_pb2.ListWebhookDeliveriesRequest,
+        response_type=admin_service_pb2.ListWebhookDeliveriesResponse,
+        server_streaming=False,
+        client_streaming=False,
+        read_only=True,
+        has_request_id=False,
+        has_after_seq=False,
+    )
+
+    async def list_webhook_deliveries(
+        self,
+        request: admin_service_pb2.ListWebhookDeliveriesRequest | None = None,
+        /,
+        *,
+        timeout: float | None = DEFAULT,
+        metadata: Metadata | None = None,
+        retry: Retry | None = DEFAULT,
+        **fields: Any,
+    ) -> admin_service_pb2.ListWebhookDeliveriesResponse:
+        """Lists a webhook's deliveries, newest first: state, attempts, last error."""
+        req = (
+            request
+            if request is not None
+            else admin_service_pb2.ListWebhookDeliveriesRequest(**fields)
+        )
+        result: admin_service_pb2.ListWebhookDeliveriesResponse = await self._unary(
+            self._LIST_WEBHOOK_DELIVERIES, req, timeout=timeout, metadata=metadata, retry=retry
+        )
+        return result
+
+    _RETRY_WEBHOOK_DELIVERY = MethodInfo(
+        path="/classmesh.admin.v1.AdminService/RetryWebhookDelivery",
+        request_type=admin_service_pb2.RetryWebhookDeliveryRequest,
+        response_type=admin_service_pb2.RetryWebhookDeliveryResponse,
+        server_streaming=False,
+        client_streaming=False,
+        read_only=False,
+        has_request_id=True,
+        has_after_seq=False,
+    )
+
+    async def retry_webhook_delivery(
+        self,
+        request: admin_service_pb2.RetryWebhookDeliveryRequest | None = None,
+        /,
+        *,
+        timeout: float | None = DEFAULT,
+        metadata: Metadata | None = None,
+        retry: Retry | None = DEFAULT,
+        **fields: Any,
+    ) -> admin_service_pb2.RetryWebhookDeliveryResponse:
+        """Sends a DEAD delivery again: it is queued at once with a fresh budget of attempts
+        (audited as AUDIT_ACTION_JOB_RETRIED).
+        """
+        req = (
+            request
+            if request is not None
+            else admin_service_pb2.RetryWebhookDeliveryRequest(**fields)
+        )
+        result: admin_service_pb2.RetryWebhookDeliveryResponse = await self._unary(
+            self._RETRY_WEBHOOK_DELIVERY, req, timeout=timeout, metadata=metadata, retry=retry
+        )
+        return result
+
     _LIST_AUDIT_LOGS = MethodInfo(
         path="/classmesh.admin.v1.AdminService/ListAuditLogs",
         request_type=admin_service_pb2.ListAuditLogsRequest,

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from classmesh.admin.netguard import literal_host_reason
-from classmesh.admin.store import AdminStore, ApiKeyRow, TenantRow, WebhookRow
+from classmesh.admin.store import AdminStore, ApiKeyRow, DeliveryRow, TenantRow, WebhookRow
 from classmesh.core.audit import insert_audit
 from classmesh.core.auth import AccessToken, Principal, require
 from classmesh.core.db import transaction
@@ -195,11 +195,14 @@ class AdminService:
         *,
         max_webhooks: int = 20,
         allow_private_webhooks: bool = False,
+        webhook_max_attempts: int = 8,
         audit_store: SessionStore | None = None,
     ) -> None:
         self.store = store or AdminStore()
         self.max_webhooks = max_webhooks
         self.allow_private_webhooks = allow_private_webhooks
+        #: Attempts a retried dead delivery gets (as many as a new one).
+        self.webhook_max_attempts = webhook_max_attempts
         #: The audit log is read with the one query SessionService.ListAuditLogs uses.
         self.audit_store = audit_store or SessionStore()
 
@@ -444,6 +447,67 @@ class AdminService:
             metadata={"url": row.url},
         )
         return row
+
+    async def list_webhook_deliveries(
+        self,
+        conn: asyncpg.Connection,
+        principal: Principal,
+        *,
+        webhook_id: str,
+        states: Sequence[str],
+        limit: int,
+        after: tuple[datetime, str] | None,
+    ) -> list[DeliveryRow]:
+        require(principal, roles=("admin",))
+        v = Validator()
+        wid = v.require_uuid("webhook_id", webhook_id)
+        v.raise_if_any()
+        if not await self.store.webhook_exists(conn, tenant_id=principal.tenant_id, webhook_id=wid):
+            raise NotFound("webhook", webhook_id)
+        return await self.store.list_deliveries(
+            conn,
+            tenant_id=principal.tenant_id,
+            webhook_id=wid,
+            states=list(states),
+            after=after,
+            limit=limit,
+        )
+
+    async def retry_webhook_delivery(
+        self, conn: asyncpg.Connection, principal: Principal, *, delivery_id: str, request_id: str
+    ) -> DeliveryRow:
+        """Queue a dead delivery for now with a fresh budget of attempts (audited)."""
+        require(principal, roles=("admin",))
+        v = Validator()
+        did = v.require_uuid("delivery_id", delivery_id)
+        v.raise_if_any()
+        row = await self.store.lock_delivery(conn, tenant_id=principal.tenant_id, delivery_id=did)
+        if row is None:
+            raise NotFound("webhook delivery", delivery_id)
+        if row.state != "dead":
+            raise FailedPrecondition(
+                "JOB_NOT_RETRYABLE",
+                f"only a dead delivery can be retried; this one is {row.state}",
+                metadata={"state": row.state},
+            )
+        retried = await self.store.requeue_delivery(
+            conn, delivery_id=did, more_attempts=self.webhook_max_attempts
+        )
+        await self._audit(
+            conn,
+            principal,
+            "job_retried",
+            target_type="webhook_delivery",
+            target_id=did,
+            request_id=request_id,
+            metadata={
+                "webhookId": row.webhook_id,
+                "eventId": row.event_key,
+                "attempts": row.attempts,
+                "lastError": row.last_error or "",
+            },
+        )
+        return retried
 
     # ------------------------------------------------------------------ audit log
 

@@ -12,7 +12,7 @@ import asyncpg
 import grpc
 
 from classmesh.admin.service import AdminService, AuditFilter, api_key_cursor, time_cursor
-from classmesh.admin.store import ApiKeyRow, TenantRow, WebhookRow
+from classmesh.admin.store import ApiKeyRow, DeliveryRow, TenantRow, WebhookRow
 from classmesh.admin.v1 import admin_pb2, admin_service_pb2, admin_service_pb2_grpc
 from classmesh.admin.webhooks import WebhookDispatcher
 from classmesh.core.auth import current_principal
@@ -87,6 +87,45 @@ def _webhook(row: WebhookRow) -> admin_pb2.Webhook:
     return out
 
 
+_DELIVERY_STATES: dict[str, admin_pb2.WebhookDeliveryState.ValueType] = {
+    "queued": admin_pb2.WEBHOOK_DELIVERY_STATE_QUEUED,
+    "running": admin_pb2.WEBHOOK_DELIVERY_STATE_RUNNING,
+    "succeeded": admin_pb2.WEBHOOK_DELIVERY_STATE_SUCCEEDED,
+    "dead": admin_pb2.WEBHOOK_DELIVERY_STATE_DEAD,
+}
+_DELIVERY_STATE_NAMES = {number: name for name, number in _DELIVERY_STATES.items()}
+
+
+def _delivery(row: DeliveryRow) -> admin_pb2.WebhookDelivery:
+    out = admin_pb2.WebhookDelivery(
+        id=row.id,
+        webhook_id=row.webhook_id,
+        event_id=row.event_key,
+        event_type=row.event_type,
+        state=_DELIVERY_STATES.get(row.state, admin_pb2.WEBHOOK_DELIVERY_STATE_UNSPECIFIED),
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        last_error=row.last_error or "",
+        response_status=row.response_status or 0,
+    )
+    out.create_time.CopyFrom(to_timestamp(row.created_at))
+    out.update_time.CopyFrom(to_timestamp(row.updated_at))
+    if row.state == "queued":
+        out.next_attempt_time.CopyFrom(to_timestamp(row.run_after))
+    if row.delivered_at is not None:
+        out.delivered_time.CopyFrom(to_timestamp(row.delivered_at))
+    return out
+
+
+def _delivery_states(request: admin_service_pb2.ListWebhookDeliveriesRequest) -> list[str]:
+    names: list[str] = []
+    for number in request.states:
+        if number not in _DELIVERY_STATE_NAMES:
+            raise InvalidArgument([("states", "unknown webhook delivery state")])
+        names.append(_DELIVERY_STATE_NAMES[number])
+    return sorted(set(names))
+
+
 def _audit_filter(request: admin_service_pb2.ListAuditLogsRequest) -> AuditFilter:
     v = Validator()
     session_id = v.require_uuid("session_id", request.session_id) if request.session_id else ""
@@ -117,6 +156,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self.service = service or AdminService(
             max_webhooks=runtime.config.webhook_max_per_tenant,
             allow_private_webhooks=runtime.config.webhook_allow_private,
+            webhook_max_attempts=runtime.config.webhook_max_attempts,
         )
         self.dispatcher = WebhookDispatcher(runtime)
 
@@ -297,6 +337,50 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             _SERVICE + "DeleteWebhook",
             request,
             admin_service_pb2.DeleteWebhookResponse,
+            work,
+        )
+
+    async def ListWebhookDeliveries(
+        self, request: admin_service_pb2.ListWebhookDeliveriesRequest, context: _Ctx
+    ) -> admin_service_pb2.ListWebhookDeliveriesResponse:
+        principal = current_principal()
+        size = page_size(request.page_size, default=50, cap=100)
+        states = _delivery_states(request)
+        after = time_cursor(request.page_token)
+        async with connection(self.runtime.pool) as conn:
+            rows = await self.service.list_webhook_deliveries(
+                conn,
+                principal,
+                webhook_id=request.webhook_id,
+                states=states,
+                limit=size + 1,
+                after=after,
+            )
+        page, more = rows[:size], len(rows) > size
+        token = encode_page_token(page[-1].created_at.isoformat(), page[-1].id) if more else ""
+        return admin_service_pb2.ListWebhookDeliveriesResponse(
+            deliveries=[_delivery(r) for r in page], next_page_token=token
+        )
+
+    async def RetryWebhookDelivery(
+        self, request: admin_service_pb2.RetryWebhookDeliveryRequest, context: _Ctx
+    ) -> admin_service_pb2.RetryWebhookDeliveryResponse:
+        principal = current_principal()
+
+        async def work(
+            conn: asyncpg.Connection,
+        ) -> Outcome[admin_service_pb2.RetryWebhookDeliveryResponse]:
+            row = await self.service.retry_webhook_delivery(
+                conn, principal, delivery_id=request.delivery_id, request_id=request.request_id
+            )
+            return Outcome(admin_service_pb2.RetryWebhookDeliveryResponse(delivery=_delivery(row)))
+
+        return await run_mutation(
+            self.runtime,
+            principal,
+            _SERVICE + "RetryWebhookDelivery",
+            request,
+            admin_service_pb2.RetryWebhookDeliveryResponse,
             work,
         )
 

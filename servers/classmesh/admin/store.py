@@ -12,7 +12,7 @@ from datetime import datetime
 
 import asyncpg
 
-__all__ = ["ApiKeyRow", "TenantRow", "WebhookRow", "AdminStore"]
+__all__ = ["ApiKeyRow", "TenantRow", "WebhookRow", "DeliveryRow", "AdminStore"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,47 @@ class WebhookRow:
     updated_at: datetime
     last_success_at: datetime | None
     consecutive_failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    id: str
+    webhook_id: str
+    event_key: str
+    event_type: str
+    state: str
+    attempts: int
+    max_attempts: int
+    last_error: str | None
+    response_status: int | None
+    created_at: datetime
+    updated_at: datetime
+    run_after: datetime
+    delivered_at: datetime | None
+
+
+_DELIVERY_COLS = (
+    "id, webhook_id, event_key, event_type, state::text AS state, attempts, max_attempts, "
+    "last_error, response_status, created_at, updated_at, run_after, delivered_at"
+)
+
+
+def _delivery(r: asyncpg.Record) -> DeliveryRow:
+    return DeliveryRow(
+        id=str(r["id"]),
+        webhook_id=str(r["webhook_id"]),
+        event_key=r["event_key"],
+        event_type=r["event_type"],
+        state=r["state"],
+        attempts=r["attempts"],
+        max_attempts=r["max_attempts"],
+        last_error=r["last_error"],
+        response_status=r["response_status"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        run_after=r["run_after"],
+        delivered_at=r["delivered_at"],
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,3 +321,66 @@ class AdminStore:
             uuid.UUID(webhook_id),
         )
         return _webhook(r) if r else None
+
+    async def webhook_exists(
+        self, conn: asyncpg.Connection, *, tenant_id: str, webhook_id: str
+    ) -> bool:
+        found = await conn.fetchval(
+            "SELECT 1 FROM webhooks WHERE tenant_id = $1 AND id = $2",
+            uuid.UUID(tenant_id),
+            uuid.UUID(webhook_id),
+        )
+        return found is not None
+
+    async def list_deliveries(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        tenant_id: str,
+        webhook_id: str,
+        states: list[str],
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[DeliveryRow]:
+        """A webhook's deliveries, newest first, keyset-paged by (created_at, id); `states`
+        empty = all (served by webhook_deliveries_tenant_webhook_idx)."""
+        rows = await conn.fetch(
+            f"SELECT {_DELIVERY_COLS} FROM webhook_deliveries "
+            "WHERE tenant_id = $1 AND webhook_id = $2 "
+            "AND (cardinality($3::text[]) = 0 OR state::text = ANY($3::text[])) "
+            "AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5::uuid)) "
+            "ORDER BY created_at DESC, id DESC LIMIT $6",
+            uuid.UUID(tenant_id),
+            uuid.UUID(webhook_id),
+            states,
+            after[0] if after else None,
+            uuid.UUID(after[1]) if after else None,
+            limit,
+        )
+        return [_delivery(r) for r in rows]
+
+    async def lock_delivery(
+        self, conn: asyncpg.Connection, *, tenant_id: str, delivery_id: str
+    ) -> DeliveryRow | None:
+        r = await conn.fetchrow(
+            f"SELECT {_DELIVERY_COLS} FROM webhook_deliveries "
+            "WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+            uuid.UUID(tenant_id),
+            uuid.UUID(delivery_id),
+        )
+        return _delivery(r) if r else None
+
+    async def requeue_delivery(
+        self, conn: asyncpg.Connection, *, delivery_id: str, more_attempts: int
+    ) -> DeliveryRow:
+        """Queue a dead delivery for now with `more_attempts` further attempts (the count of
+        attempts made is kept: the classmesh-attempt header keeps rising)."""
+        r = await conn.fetchrow(
+            "UPDATE webhook_deliveries SET state = 'queued', run_after = now(), "
+            "max_attempts = attempts + $2, locked_at = NULL, updated_at = now() "
+            f"WHERE id = $1 RETURNING {_DELIVERY_COLS}",
+            uuid.UUID(delivery_id),
+            more_attempts,
+        )
+        assert r is not None
+        return _delivery(r)

@@ -72,6 +72,38 @@ API_KEY_STATUS_EXPIRED: ApiKeyStatus.ValueType  # 3
 """Past expire_time."""
 Global___ApiKeyStatus: _TypeAlias = ApiKeyStatus  # noqa: Y015
 
+class _WebhookDeliveryState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookDeliveryStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookDeliveryState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_DELIVERY_STATE_UNSPECIFIED: _WebhookDeliveryState.ValueType  # 0
+    """Not set; in filters means "any"."""
+    WEBHOOK_DELIVERY_STATE_QUEUED: _WebhookDeliveryState.ValueType  # 1
+    """Waiting for its next attempt (next_attempt_time)."""
+    WEBHOOK_DELIVERY_STATE_RUNNING: _WebhookDeliveryState.ValueType  # 2
+    """An attempt is being sent."""
+    WEBHOOK_DELIVERY_STATE_SUCCEEDED: _WebhookDeliveryState.ValueType  # 3
+    """The receiver answered 2xx."""
+    WEBHOOK_DELIVERY_STATE_DEAD: _WebhookDeliveryState.ValueType  # 4
+    """Every attempt failed: no more are made until RetryWebhookDelivery."""
+
+class WebhookDeliveryState(_WebhookDeliveryState, metaclass=_WebhookDeliveryStateEnumTypeWrapper):
+    """Where a webhook delivery stands."""
+
+WEBHOOK_DELIVERY_STATE_UNSPECIFIED: WebhookDeliveryState.ValueType  # 0
+"""Not set; in filters means "any"."""
+WEBHOOK_DELIVERY_STATE_QUEUED: WebhookDeliveryState.ValueType  # 1
+"""Waiting for its next attempt (next_attempt_time)."""
+WEBHOOK_DELIVERY_STATE_RUNNING: WebhookDeliveryState.ValueType  # 2
+"""An attempt is being sent."""
+WEBHOOK_DELIVERY_STATE_SUCCEEDED: WebhookDeliveryState.ValueType  # 3
+"""The receiver answered 2xx."""
+WEBHOOK_DELIVERY_STATE_DEAD: WebhookDeliveryState.ValueType  # 4
+"""Every attempt failed: no more are made until RetryWebhookDelivery."""
+Global___WebhookDeliveryState: _TypeAlias = WebhookDeliveryState  # noqa: Y015
+
 @_typing.final
 class Tenant(_message.Message):
     """A tenant (a partner organisation; every row is scoped to one)."""
@@ -261,3 +293,83 @@ class Webhook(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Webhook: _TypeAlias = Webhook  # noqa: Y015
+
+@_typing.final
+class WebhookDelivery(_message.Message):
+    """One event sent (or being sent) to one webhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    RESPONSE_STATUS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    DELIVERED_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Delivery id (UUID); the classmesh-delivery-id header."""
+    webhook_id: _builtins.str
+    """Webhook id (UUID)."""
+    event_id: _builtins.str
+    """Event id "<session_id>:<seq>"; the classmesh-event-id header (receivers dedupe on it)."""
+    event_type: _builtins.str
+    """Event type (payload oneof name of classmesh.events.v1.Event)."""
+    state: Global___WebhookDeliveryState.ValueType
+    """State."""
+    attempts: _builtins.int
+    """Attempts made so far, counted over retries (the classmesh-attempt header of the last)."""
+    max_attempts: _builtins.int
+    """Attempt number after which a failing delivery becomes DEAD."""
+    last_error: _builtins.str
+    """Why the last attempt failed ("HTTP 500: ...", "refused: ...", a timeout); empty after
+    a success or before the first attempt.
+    """
+    response_status: _builtins.int
+    """HTTP status of the last answer; 0 if none came."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the delivery was created (the event fanned out)."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Last change."""
+
+    @_builtins.property
+    def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When the next attempt is due (QUEUED only)."""
+
+    @_builtins.property
+    def delivered_time(self) -> _timestamp_pb2.Timestamp:
+        """When the receiver accepted it (SUCCEEDED only)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        webhook_id: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        event_type: _builtins.str = ...,
+        state: Global___WebhookDeliveryState.ValueType = ...,
+        attempts: _builtins.int = ...,
+        max_attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        response_status: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        delivered_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delivered_time", b"delivered_time", "next_attempt_time", b"next_attempt_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "delivered_time", b"delivered_time", "event_id", b"event_id", "event_type", b"event_type", "id", b"id", "last_error", b"last_error", "max_attempts", b"max_attempts", "next_attempt_time", b"next_attempt_time", "response_status", b"response_status", "state", b"state", "update_time", b"update_time", "webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015

@@ -76,6 +76,16 @@ class AdminServiceStub:
                 request_serializer=classmesh_dot_admin_dot_v1_dot_admin__service__pb2.DeleteWebhookRequest.SerializeToString,
                 response_deserializer=classmesh_dot_admin_dot_v1_dot_admin__service__pb2.DeleteWebhookResponse.FromString,
                 _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/classmesh.admin.v1.AdminService/ListWebhookDeliveries',
+                request_serializer=classmesh_dot_admin_dot_v1_dot_admin__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=classmesh_dot_admin_dot_v1_dot_admin__service__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.RetryWebhookDelivery = channel.unary_unary(
+                '/classmesh.admin.v1.AdminService/RetryWebhookDelivery',
+                request_serializer=classmesh_dot_admin_dot_v1_dot_admin__service__pb2.RetryWebhookDeliveryRequest.SerializeToString,
+                response_deserializer=classmesh_dot_admin_dot_v1_dot_admin__service__pb2.RetryWebhookDeliveryResponse.FromString,
+                _registered_method=True)
         self.ListAuditLogs = channel.unary_unary(
                 '/classmesh.admin.v1.AdminService/ListAuditLogs',
                 request_serializer=classmesh_dot_admin_dot_v1_dot_admin__service__pb2.ListAuditLogsRequest.SerializeToString,
@@ -144,6 +154,21 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWebhookDeliveries(self, request, context):
+        """Lists a webhook's deliveries, newest first: state, attempts, last error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryWebhookDelivery(self, request, context):
+        """Sends a DEAD delivery again: it is queued at once with a fresh budget of attempts
+        (audited as AUDIT_ACTION_JOB_RETRIED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAuditLogs(self, request, context):
         """Tenant-wide audit log, newest first, filtered by session, actor, action and time.
         """
@@ -193,6 +218,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DeleteWebhook,
                     request_deserializer=classmesh_dot_admin_dot_v1_dot_admin__service__pb2.DeleteWebhookRequest.FromString,
                     response_serializer=classmesh_dot_admin_dot_v1_dot_admin__service__pb2.DeleteWebhookResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=classmesh_dot_admin_dot_v1_dot_admin__service__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=classmesh_dot_admin_dot_v1_dot_admin__service__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'RetryWebhookDelivery': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryWebhookDelivery,
+                    request_deserializer=classmesh_dot_admin_dot_v1_dot_admin__service__pb2.RetryWebhookDeliveryRequest.FromString,
+                    response_serializer=classmesh_dot_admin_dot_v1_dot_admin__service__pb2.RetryWebhookDeliveryResponse.SerializeToString,
             ),
             'ListAuditLogs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAuditLogs,
@@ -418,6 +453,60 @@ class AdminService:
             '/classmesh.admin.v1.AdminService/DeleteWebhook',
             classmesh_dot_admin_dot_v1_dot_admin__service__pb2.DeleteWebhookRequest.SerializeToString,
             classmesh_dot_admin_dot_v1_dot_admin__service__pb2.DeleteWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/classmesh.admin.v1.AdminService/ListWebhookDeliveries',
+            classmesh_dot_admin_dot_v1_dot_admin__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            classmesh_dot_admin_dot_v1_dot_admin__service__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryWebhookDelivery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/classmesh.admin.v1.AdminService/RetryWebhookDelivery',
+            classmesh_dot_admin_dot_v1_dot_admin__service__pb2.RetryWebhookDeliveryRequest.SerializeToString,
+            classmesh_dot_admin_dot_v1_dot_admin__service__pb2.RetryWebhookDeliveryResponse.FromString,
             options,
             channel_credentials,
             insecure,

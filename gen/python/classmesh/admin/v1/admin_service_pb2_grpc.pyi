@@ -51,6 +51,12 @@ class AdminServiceStub:
     """Lists webhooks (never secrets)."""
     DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteWebhookRequest, _admin_service_pb2.DeleteWebhookResponse]
     """Deletes a webhook (audited)."""
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListWebhookDeliveriesRequest, _admin_service_pb2.ListWebhookDeliveriesResponse]
+    """Lists a webhook's deliveries, newest first: state, attempts, last error."""
+    RetryWebhookDelivery: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RetryWebhookDeliveryRequest, _admin_service_pb2.RetryWebhookDeliveryResponse]
+    """Sends a DEAD delivery again: it is queued at once with a fresh budget of attempts
+    (audited as AUDIT_ACTION_JOB_RETRIED).
+    """
     ListAuditLogs: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditLogsRequest, _admin_service_pb2.ListAuditLogsResponse]
     """Tenant-wide audit log, newest first, filtered by session, actor, action and time."""
 
@@ -77,6 +83,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Lists webhooks (never secrets)."""
     DeleteWebhook: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteWebhookRequest, _admin_service_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
     """Deletes a webhook (audited)."""
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListWebhookDeliveriesRequest, _admin_service_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """Lists a webhook's deliveries, newest first: state, attempts, last error."""
+    RetryWebhookDelivery: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RetryWebhookDeliveryRequest, _admin_service_pb2.RetryWebhookDeliveryResponse]  # type: ignore[assignment]
+    """Sends a DEAD delivery again: it is queued at once with a fresh budget of attempts
+    (audited as AUDIT_ACTION_JOB_RETRIED).
+    """
     ListAuditLogs: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditLogsRequest, _admin_service_pb2.ListAuditLogsResponse]  # type: ignore[assignment]
     """Tenant-wide audit log, newest first, filtered by session, actor, action and time."""
 
@@ -148,6 +160,24 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.DeleteWebhookResponse, _abc.Awaitable[_admin_service_pb2.DeleteWebhookResponse]]:
         """Deletes a webhook (audited)."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _admin_service_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_admin_service_pb2.ListWebhookDeliveriesResponse]]:
+        """Lists a webhook's deliveries, newest first: state, attempts, last error."""
+
+    @_abc_1.abstractmethod
+    def RetryWebhookDelivery(
+        self,
+        request: _admin_service_pb2.RetryWebhookDeliveryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.RetryWebhookDeliveryResponse, _abc.Awaitable[_admin_service_pb2.RetryWebhookDeliveryResponse]]:
+        """Sends a DEAD delivery again: it is queued at once with a fresh budget of attempts
+        (audited as AUDIT_ACTION_JOB_RETRIED).
+        """
 
     @_abc_1.abstractmethod
     def ListAuditLogs(

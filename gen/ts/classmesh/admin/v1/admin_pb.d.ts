@@ -248,6 +248,111 @@ export declare type Webhook = Message<"classmesh.admin.v1.Webhook"> & {
 export declare const WebhookSchema: GenMessage<Webhook>;
 
 /**
+ * One event sent (or being sent) to one webhook.
+ *
+ * @generated from message classmesh.admin.v1.WebhookDelivery
+ */
+export declare type WebhookDelivery = Message<"classmesh.admin.v1.WebhookDelivery"> & {
+  /**
+   * Delivery id (UUID); the classmesh-delivery-id header.
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * Webhook id (UUID).
+   *
+   * @generated from field: string webhook_id = 2;
+   */
+  webhookId: string;
+
+  /**
+   * Event id "<session_id>:<seq>"; the classmesh-event-id header (receivers dedupe on it).
+   *
+   * @generated from field: string event_id = 3;
+   */
+  eventId: string;
+
+  /**
+   * Event type (payload oneof name of classmesh.events.v1.Event).
+   *
+   * @generated from field: string event_type = 4;
+   */
+  eventType: string;
+
+  /**
+   * State.
+   *
+   * @generated from field: classmesh.admin.v1.WebhookDeliveryState state = 5;
+   */
+  state: WebhookDeliveryState;
+
+  /**
+   * Attempts made so far, counted over retries (the classmesh-attempt header of the last).
+   *
+   * @generated from field: int32 attempts = 6;
+   */
+  attempts: number;
+
+  /**
+   * Attempt number after which a failing delivery becomes DEAD.
+   *
+   * @generated from field: int32 max_attempts = 7;
+   */
+  maxAttempts: number;
+
+  /**
+   * Why the last attempt failed ("HTTP 500: ...", "refused: ...", a timeout); empty after
+   * a success or before the first attempt.
+   *
+   * @generated from field: string last_error = 8;
+   */
+  lastError: string;
+
+  /**
+   * HTTP status of the last answer; 0 if none came.
+   *
+   * @generated from field: int32 response_status = 9;
+   */
+  responseStatus: number;
+
+  /**
+   * When the delivery was created (the event fanned out).
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 10;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * Last change.
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 11;
+   */
+  updateTime?: Timestamp | undefined;
+
+  /**
+   * When the next attempt is due (QUEUED only).
+   *
+   * @generated from field: google.protobuf.Timestamp next_attempt_time = 12;
+   */
+  nextAttemptTime?: Timestamp | undefined;
+
+  /**
+   * When the receiver accepted it (SUCCEEDED only).
+   *
+   * @generated from field: google.protobuf.Timestamp delivered_time = 13;
+   */
+  deliveredTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message classmesh.admin.v1.WebhookDelivery.
+ * Use `create(WebhookDeliverySchema)` to create a new message.
+ */
+export declare const WebhookDeliverySchema: GenMessage<WebhookDelivery>;
+
+/**
  * Tenant state.
  *
  * @generated from enum classmesh.admin.v1.TenantStatus
@@ -319,4 +424,51 @@ export enum ApiKeyStatus {
  * Describes the enum classmesh.admin.v1.ApiKeyStatus.
  */
 export declare const ApiKeyStatusSchema: GenEnum<ApiKeyStatus>;
+
+/**
+ * Where a webhook delivery stands.
+ *
+ * @generated from enum classmesh.admin.v1.WebhookDeliveryState
+ */
+export enum WebhookDeliveryState {
+  /**
+   * Not set; in filters means "any".
+   *
+   * @generated from enum value: WEBHOOK_DELIVERY_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Waiting for its next attempt (next_attempt_time).
+   *
+   * @generated from enum value: WEBHOOK_DELIVERY_STATE_QUEUED = 1;
+   */
+  QUEUED = 1,
+
+  /**
+   * An attempt is being sent.
+   *
+   * @generated from enum value: WEBHOOK_DELIVERY_STATE_RUNNING = 2;
+   */
+  RUNNING = 2,
+
+  /**
+   * The receiver answered 2xx.
+   *
+   * @generated from enum value: WEBHOOK_DELIVERY_STATE_SUCCEEDED = 3;
+   */
+  SUCCEEDED = 3,
+
+  /**
+   * Every attempt failed: no more are made until RetryWebhookDelivery.
+   *
+   * @generated from enum value: WEBHOOK_DELIVERY_STATE_DEAD = 4;
+   */
+  DEAD = 4,
+}
+
+/**
+ * Describes the enum classmesh.admin.v1.WebhookDeliveryState.
+ */
+export declare const WebhookDeliveryStateSchema: GenEnum<WebhookDeliveryState>;
 

@@ -4,7 +4,7 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import type { Message } from "@bufbuild/protobuf";
-import type { ApiKey, Tenant, Webhook } from "./admin_pb.js";
+import type { ApiKey, Tenant, Webhook, WebhookDelivery, WebhookDeliveryState } from "./admin_pb.js";
 import type { FieldMask, Timestamp } from "@bufbuild/protobuf/wkt";
 import type { AuditAction, AuditLogEntry } from "../../session/v1/session_pb.js";
 import type { TimeRange } from "../../common/v1/common_pb.js";
@@ -441,6 +441,121 @@ export declare type DeleteWebhookResponse = Message<"classmesh.admin.v1.DeleteWe
 export declare const DeleteWebhookResponseSchema: GenMessage<DeleteWebhookResponse>;
 
 /**
+ * Request of ListWebhookDeliveries.
+ *
+ * @generated from message classmesh.admin.v1.ListWebhookDeliveriesRequest
+ */
+export declare type ListWebhookDeliveriesRequest = Message<"classmesh.admin.v1.ListWebhookDeliveriesRequest"> & {
+  /**
+   * Page size, 0-100 (0 = 50; larger values are capped at 100).
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * Token from a previous response; empty = first page.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Webhook id (UUID). Required.
+   *
+   * @generated from field: string webhook_id = 3;
+   */
+  webhookId: string;
+
+  /**
+   * Only deliveries in these states; empty = all.
+   *
+   * @generated from field: repeated classmesh.admin.v1.WebhookDeliveryState states = 4;
+   */
+  states: WebhookDeliveryState[];
+};
+
+/**
+ * Describes the message classmesh.admin.v1.ListWebhookDeliveriesRequest.
+ * Use `create(ListWebhookDeliveriesRequestSchema)` to create a new message.
+ */
+export declare const ListWebhookDeliveriesRequestSchema: GenMessage<ListWebhookDeliveriesRequest>;
+
+/**
+ * Response of ListWebhookDeliveries.
+ *
+ * @generated from message classmesh.admin.v1.ListWebhookDeliveriesResponse
+ */
+export declare type ListWebhookDeliveriesResponse = Message<"classmesh.admin.v1.ListWebhookDeliveriesResponse"> & {
+  /**
+   * Deliveries, newest first.
+   *
+   * @generated from field: repeated classmesh.admin.v1.WebhookDelivery deliveries = 1;
+   */
+  deliveries: WebhookDelivery[];
+
+  /**
+   * Token for the next page; empty = last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message classmesh.admin.v1.ListWebhookDeliveriesResponse.
+ * Use `create(ListWebhookDeliveriesResponseSchema)` to create a new message.
+ */
+export declare const ListWebhookDeliveriesResponseSchema: GenMessage<ListWebhookDeliveriesResponse>;
+
+/**
+ * Request of RetryWebhookDelivery.
+ *
+ * @generated from message classmesh.admin.v1.RetryWebhookDeliveryRequest
+ */
+export declare type RetryWebhookDeliveryRequest = Message<"classmesh.admin.v1.RetryWebhookDeliveryRequest"> & {
+  /**
+   * Idempotency key, 1-128 characters.
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * Delivery id (UUID); must be DEAD (else FAILED_PRECONDITION JOB_NOT_RETRYABLE).
+   *
+   * @generated from field: string delivery_id = 2;
+   */
+  deliveryId: string;
+};
+
+/**
+ * Describes the message classmesh.admin.v1.RetryWebhookDeliveryRequest.
+ * Use `create(RetryWebhookDeliveryRequestSchema)` to create a new message.
+ */
+export declare const RetryWebhookDeliveryRequestSchema: GenMessage<RetryWebhookDeliveryRequest>;
+
+/**
+ * Response of RetryWebhookDelivery.
+ *
+ * @generated from message classmesh.admin.v1.RetryWebhookDeliveryResponse
+ */
+export declare type RetryWebhookDeliveryResponse = Message<"classmesh.admin.v1.RetryWebhookDeliveryResponse"> & {
+  /**
+   * The delivery (QUEUED, due now).
+   *
+   * @generated from field: classmesh.admin.v1.WebhookDelivery delivery = 1;
+   */
+  delivery?: WebhookDelivery | undefined;
+};
+
+/**
+ * Describes the message classmesh.admin.v1.RetryWebhookDeliveryResponse.
+ * Use `create(RetryWebhookDeliveryResponseSchema)` to create a new message.
+ */
+export declare const RetryWebhookDeliveryResponseSchema: GenMessage<RetryWebhookDeliveryResponse>;
+
+/**
  * Request of ListAuditLogs.
  *
  * @generated from message classmesh.admin.v1.ListAuditLogsRequest
@@ -615,6 +730,27 @@ export declare const AdminService: GenService<{
     methodKind: "unary";
     input: typeof DeleteWebhookRequestSchema;
     output: typeof DeleteWebhookResponseSchema;
+  },
+  /**
+   * Lists a webhook's deliveries, newest first: state, attempts, last error.
+   *
+   * @generated from rpc classmesh.admin.v1.AdminService.ListWebhookDeliveries
+   */
+  listWebhookDeliveries: {
+    methodKind: "unary";
+    input: typeof ListWebhookDeliveriesRequestSchema;
+    output: typeof ListWebhookDeliveriesResponseSchema;
+  },
+  /**
+   * Sends a DEAD delivery again: it is queued at once with a fresh budget of attempts
+   * (audited as AUDIT_ACTION_JOB_RETRIED).
+   *
+   * @generated from rpc classmesh.admin.v1.AdminService.RetryWebhookDelivery
+   */
+  retryWebhookDelivery: {
+    methodKind: "unary";
+    input: typeof RetryWebhookDeliveryRequestSchema;
+    output: typeof RetryWebhookDeliveryResponseSchema;
   },
   /**
    * Tenant-wide audit log, newest first, filtered by session, actor, action and time.
