@@ -103,6 +103,11 @@ async def settled(b: Browser, script: str, expected: object, what: str) -> None:
     assert await b.js(script) == expected, what
 
 
+def in_room(room_id: str) -> Callable[[dict[str, str]], bool]:
+    """The page names `room_id` and shows that room's chat."""
+    return lambda r: r["id"] == room_id and r["chat"] == room_id
+
+
 @pytest.mark.timeout(240)
 async def test_pages_follow_breakout_rooms(mesh: Mesh, request: pytest.FixtureRequest) -> None:
     klass = await live_class(mesh)
@@ -138,9 +143,7 @@ async def test_pages_follow_breakout_rooms(mesh: Mesh, request: pytest.FixtureRe
         )
         red, blue = (r.id for r in created.rooms)
         for br, rid, name in ((a, red, "Red room"), (b, blue, "Blue room")):
-            got = await br.wait(
-                ROOM, lambda r, rid=rid: r["id"] == rid and r["chat"] == rid, what=name
-            )
+            got = await br.wait(ROOM, in_room(rid), what=name)
             assert got == {"id": rid, "room": "breakout", "name": name, "chat": rid}
             # The room's chat replaces the main one; the roster is the room's.
             await br.wait(CHATS, lambda c: c == [], what="an empty room chat")
