@@ -5,13 +5,18 @@ creation, and a delivery to a host name resolving to loopback fails without a re
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 
+from classmesh.admin.netguard import BlockedAddress, GuardedResolver, literal_host_reason
+from classmesh.core.config import ConfigError, load_config
 from classmesh_sdk import InvalidArgumentError
 from tests.support.classroom import Mesh, classroom_mesh, live_class
 
@@ -153,3 +158,100 @@ async def test_an_ip_literal_stored_earlier_is_refused_at_delivery(
     assert str(row["last_error"]).startswith("refused: 127.0.0.1 is a loopback address")
     assert hits == []
     await admin.admin.delete_webhook(webhook_id=created.webhook.id)
+
+
+# ------------------------------------------------------------ the guard's parts, no mesh
+
+
+class _Answers(AbstractResolver):
+    """A DNS answer chosen by the test (stands in for the system resolver)."""
+
+    def __init__(self, *hosts: str) -> None:
+        self.hosts = hosts
+        self.calls = 0
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.calls += 1
+        return [
+            {
+                "hostname": host,
+                "host": h,
+                "port": port,
+                "family": socket.AF_INET6 if ":" in h else socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+            for h in self.hosts
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_the_resolver_refuses_a_name_if_any_address_is_not_public() -> None:
+    ok = GuardedResolver(_Answers("93.184.215.14", "2606:4700::1"))
+    assert [r["host"] for r in await ok.resolve("hooks.example", 443)] == [
+        "93.184.215.14",
+        "2606:4700::1",
+    ]
+    for answer in (("93.184.215.14", "10.0.0.7"), ("::ffff:169.254.169.254",), ("fd12::5",)):
+        with pytest.raises(BlockedAddress) as info:
+            await GuardedResolver(_Answers(*answer)).resolve("hooks.example", 443)
+        assert str(info.value).startswith("hooks.example resolves to ")
+
+
+async def test_a_connection_goes_only_to_the_checked_addresses() -> None:
+    """The check is the connector's own (single) lookup, not a separate one before it: the
+    name is resolved once, by the guarded resolver, and an answer pointing at loopback is
+    refused before any connection, so nothing reaches the port."""
+    hits: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    answers = _Answers("127.0.0.1")
+    connector = aiohttp.TCPConnector(resolver=GuardedResolver(answers), use_dns_cache=False)
+    try:
+        async with aiohttp.ClientSession(connector=connector) as http:
+            with pytest.raises(aiohttp.ClientConnectorError) as info:
+                await http.post(f"http://rebind.example:{port}/x", data=b"{}")
+            assert isinstance(info.value.os_error, BlockedAddress)
+        assert answers.calls == 1 and hits == []
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("64:ff9b::a9fe:a9fe", "link-local address (embedded IPv4 169.254.169.254)"),
+        ("2002:c0a8:0101::1", "private address (embedded IPv4 192.168.1.1)"),
+        ("::", "unspecified"),
+        ("ff02::1", "multicast"),
+        ("240.0.0.1", "reserved"),
+        ("93.184.215.14", None),
+        ("::ffff:93.184.215.14", None),
+        ("hooks.example", None),
+    ],
+)
+def test_literal_host_reasons(host: str, reason: str | None) -> None:
+    got = literal_host_reason(host)
+    assert got is None if reason is None else (got is not None and reason in got), got
+
+
+def test_the_flag_is_off_by_default_and_parsed_strictly() -> None:
+    assert load_config({}).webhook_allow_private is False
+    assert load_config({"CLASSMESH_WEBHOOK_ALLOW_PRIVATE": "1"}).webhook_allow_private is True
+    assert load_config({"CLASSMESH_WEBHOOK_ALLOW_PRIVATE": "false"}).webhook_allow_private is False
+    with pytest.raises(ConfigError):
+        load_config({"CLASSMESH_WEBHOOK_ALLOW_PRIVATE": "maybe"})

@@ -60,10 +60,10 @@ def address_reason(addr: IPAddress) -> str | None:
         return "a link-local address"
     if addr.is_multicast:
         return "a multicast address"
-    if addr.is_private:
-        return "a private address"
     if addr.is_reserved:
         return "a reserved address"
+    if addr.is_private:
+        return "a private address"
     if not addr.is_global:
         return "not a globally routable address"
     return None
@@ -84,8 +84,8 @@ class GuardedResolver(AbstractResolver):
     """aiohttp resolver that fails (BlockedAddress) if any address of a host is non-public,
     and otherwise returns exactly the checked addresses for the connector to use."""
 
-    def __init__(self) -> None:
-        self._inner = DefaultResolver()
+    def __init__(self, inner: AbstractResolver | None = None) -> None:
+        self._inner = inner or DefaultResolver()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
