@@ -7,7 +7,9 @@ each student's page names its room, its chat, roster and hand raise are the room
 typed in room 1 reaches browser 1 and never browser 2; the hand is raised in room 1's
 queue), the staff page lists both open rooms with their counts, and the teacher's broadcast
 shows in both rooms' banners. Closing all rooms brings both pages back to the main room's
-chat (its history again, no room message), where a new teacher message reaches both. On
+chat (its history again, no room message), where a new teacher message reaches both. A
+second round: a page reloaded inside a room starts there, and closing that one room
+brings it back to the main chat. On
 failure every browser's screenshot, console and HTML land in tests/artifacts/<test>/.
 """
 
@@ -132,6 +134,8 @@ async def test_pages_follow_breakout_rooms(mesh: Mesh, request: pytest.FixtureRe
         assert await t.js(ROOMS) == []
 
         # --- two rooms, one student each, moved at once
+        clock = asyncio.get_running_loop().time
+        started = clock()
         created = await inst.breakouts.create_breakout_rooms(
             session_id=sid,
             explicit=BS.ExplicitRooms(
@@ -147,6 +151,7 @@ async def test_pages_follow_breakout_rooms(mesh: Mesh, request: pytest.FixtureRe
             assert got == {"id": rid, "room": "breakout", "name": name, "chat": rid}
             # The room's chat replaces the main one; the roster is the room's.
             await br.wait(CHATS, lambda c: c == [], what="an empty room chat")
+        print(f"both pages in their rooms {clock() - started:.2f} s after CreateBreakoutRooms")
         await a.wait(ROSTER, lambda r: r == [ada], what="room 1 roster")
         await b.wait(ROSTER, lambda r: r == [bob], what="room 2 roster")
         # The staff page: both open rooms, one participant each; the teacher stays in main.
@@ -196,6 +201,7 @@ async def test_pages_follow_breakout_rooms(mesh: Mesh, request: pytest.FixtureRe
         await settled(b, CHATS, ["blue team here"], "room 2 chat only in browser 2")
 
         # --- close all: both pages return to the main room's chat
+        started = clock()
         closed = await inst.breakouts.close_all_breakout_rooms(session_id=sid)
         assert sorted(closed.returned_user_ids) == sorted([ada, bob])
         for br in (a, b):
@@ -210,6 +216,7 @@ async def test_pages_follow_breakout_rooms(mesh: Mesh, request: pytest.FixtureRe
                 lambda s: s == "down",
                 what="no room hand in the main room",
             )
+        print(f"both pages back in the main chat {clock() - started:.2f} s after CloseAll")
         await t.wait(ROOMS, lambda r: r == [], what="no open rooms")
         assert await t.js("return document.getElementById('breakout-count').textContent;") == "0"
         everyone = sorted([ada, bob, klass.teacher])
@@ -229,6 +236,32 @@ async def test_pages_follow_breakout_rooms(mesh: Mesh, request: pytest.FixtureRe
                 lambda c: c == ["welcome to class", "welcome back", "bob in main"],
                 what="a main-room chat from the page",
             )
+
+        # --- a second round, one room: a reloaded page starts in its room (the feed's
+        # replay of the first round does not move it); closing that one room brings it back.
+        again = await inst.breakouts.create_breakout_rooms(
+            session_id=sid,
+            explicit=BS.ExplicitRooms(
+                rooms=[B.BreakoutRoomSpec(name="Green room", capacity=2, user_ids=[ada])]
+            ),
+        )
+        green = again.rooms[0].id
+        await a.wait(ROOM, in_room(green), what="Green room")
+        await t.wait(ROOMS, lambda r: r == [["Green room", 1]], what="one open room")
+        await a.open(page_url(mesh, ada, "student", sid, "Ada"))
+        await a.wait(STATUS, lambda s: s == "admitted", what="admitted after reload")
+        got = await a.wait(ROOM, in_room(green), what="Green room after reload")
+        assert got["name"] == "Green room"
+        await settled(a, CHATS, [], "the Green room's empty chat after reload")
+        assert (await b.js(ROOM))["room"] == "main"
+        await inst.breakouts.close_breakout_room(breakout_room_id=green)
+        await a.wait(ROOM, lambda r: r["room"] == "main" and r["chat"] == "", what="main again")
+        await a.wait(
+            CHATS,
+            lambda c: c == ["welcome to class", "welcome back", "bob in main"],
+            what="the main chat after the room closed",
+        )
+        await t.wait(ROOMS, lambda r: r == [], what="no open rooms after the close")
         for br in (a, b, t):
             errors = await br.js(
                 "const e = document.getElementById('error'); return e.hidden ? '' : e.textContent;"
