@@ -8,7 +8,8 @@ typed in room 1 reaches browser 1 and never browser 2; the hand is raised in roo
 queue), the staff page lists both open rooms with their counts, and the teacher's broadcast
 shows in both rooms' banners. Closing all rooms brings both pages back to the main room's
 chat (its history again, no room message), where a new teacher message reaches both. A
-second round: a page reloaded inside a room starts there, and closing that one room
+second round (assigned without moving, so chat is already the room's): the page follows
+the assignment, a page reloaded inside the room starts there, and closing that one room
 brings it back to the main chat. On
 failure every browser's screenshot, console and HTML land in tests/artifacts/<test>/.
 """
@@ -244,6 +245,9 @@ async def test_pages_follow_breakout_rooms(mesh: Mesh, request: pytest.FixtureRe
             explicit=BS.ExplicitRooms(
                 rooms=[B.BreakoutRoomSpec(name="Green room", capacity=2, user_ids=[ada])]
             ),
+            # Assigned, not moved: chat and hands are already the room's (media waits for
+            # JoinBreakoutRoom), so the page follows the assignment.
+            move_immediately=False,
         )
         green = again.rooms[0].id
         await a.wait(ROOM, in_room(green), what="Green room")
@@ -253,6 +257,11 @@ async def test_pages_follow_breakout_rooms(mesh: Mesh, request: pytest.FixtureRe
         got = await a.wait(ROOM, in_room(green), what="Green room after reload")
         assert got["name"] == "Green room"
         await settled(a, CHATS, [], "the Green room's empty chat after reload")
+        await a.type("chat-input", "green team")
+        await a.click("chat-send")
+        await a.wait(CHATS, lambda c: c == ["green team"], what="a Green room chat")
+        green_chat = await inst.interaction.list_chat_messages(scope=scope(sid, green))
+        assert [m.text for m in green_chat.messages] == ["green team"]
         assert (await b.js(ROOM))["room"] == "main"
         await inst.breakouts.close_breakout_room(breakout_room_id=green)
         await a.wait(ROOM, lambda r: r["room"] == "main" and r["chat"] == "", what="main again")

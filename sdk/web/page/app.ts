@@ -4,8 +4,8 @@
  * through `@classmesh/web` and the gateway that serves this page.
  *
  * Breakout rooms: the page follows the participant's room from the session feed
- * (`breakout_rooms_created`, `participant_moved`, `breakout_room_closed`,
- * `breakout_rooms_closed`): the room's name, its chat, hand raises, polls and roster replace
+ * (`breakout_rooms_created`, `participant_assigned`, `participant_moved`,
+ * `breakout_room_closed`, `breakout_rooms_closed`): the room's name, its chat, hand raises, polls and roster replace
  * the main room's, and the main room's come back when the room closes. Broadcasts from the
  * instructor show in a banner; staff see the open rooms with their participant counts.
  *
@@ -449,10 +449,20 @@ function onBreakout(event: pb.events.Event): void {
     case "breakoutRoomsCreated":
       for (const room of p.value.rooms) {
         state.roomNames.set(room.id, room.name);
+        // An assignment is the participant's room for chat, hands and polls (the server's
+        // rule), entered or not: with `move_immediately = false` only media waits for
+        // JoinBreakoutRoom.
         for (const a of room.participants) {
-          if (a.joinedAt !== undefined && a.leftAt === undefined) {
+          if (a.leftAt === undefined) {
             placeUser(a.userId, room.id, live);
           }
+        }
+      }
+      break;
+    case "participantAssigned":
+      for (const a of p.value.assignments) {
+        if (a.leftAt === undefined) {
+          placeUser(a.userId, p.value.breakoutRoomId, live);
         }
       }
       break;
