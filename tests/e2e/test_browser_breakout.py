@@ -262,6 +262,17 @@ async def test_pages_follow_breakout_rooms(mesh: Mesh, request: pytest.FixtureRe
         await a.wait(CHATS, lambda c: c == ["green team"], what="a Green room chat")
         green_chat = await inst.interaction.list_chat_messages(scope=scope(sid, green))
         assert [m.text for m in green_chat.messages] == ["green team"]
+        # Not entered yet (media stays in the main room): the page offers to enter.
+        enter = "return !document.getElementById('enter-room').hidden;"
+        assert await a.js(enter) is True
+        assert await b.js(enter) is False
+        await a.click("enter-room")
+        await a.wait(enter, lambda v: v is False, what="the room entered")
+        room = (await inst.breakouts.get_breakout_room(breakout_room_id=green)).room
+        assert [p.HasField("joined_at") for p in room.participants] == [True], room
+        await a.open(page_url(mesh, ada, "student", sid, "Ada"))
+        await a.wait(ROOM, in_room(green), what="Green room after another reload")
+        await settled(a, enter, False, "no offer to enter a room already entered")
         assert (await b.js(ROOM))["room"] == "main"
         await inst.breakouts.close_breakout_room(breakout_room_id=green)
         await a.wait(ROOM, lambda r: r["room"] == "main" and r["chat"] == "", what="main again")

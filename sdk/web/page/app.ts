@@ -51,6 +51,8 @@ interface State {
   joinSeq: bigint;
   /** Names of every breakout room seen (open or closed). */
   roomNames: Map<string, string>;
+  /** Whether we entered our breakout room (media moved), or were only assigned to it. */
+  entered: boolean;
   /** Open breakout rooms (staff: from ListBreakoutRooms, with counts). */
   openRooms: Map<string, BreakoutRoom>;
   heartbeat: ReturnType<typeof setInterval> | undefined;
@@ -72,6 +74,7 @@ const state: State = {
   feed: undefined,
   joinSeq: 0n,
   roomNames: new Map(),
+  entered: true,
   openRooms: new Map(),
   heartbeat: undefined,
   iceServers: [],
@@ -368,6 +371,15 @@ function renderRoster(): void {
   $("lobby-count").textContent = String(lobbyCount);
 }
 
+/** JoinBreakoutRoom into our assigned room: its `participant_moved` moves media there. */
+async function enterRoom(): Promise<void> {
+  try {
+    await client().breakouts.joinBreakoutRoom({ sessionId: state.sessionId });
+  } catch (err) {
+    showError("enter room", err);
+  }
+}
+
 async function admit(userIds: string[]): Promise<void> {
   try {
     await client().sessions.admitParticipants({
@@ -454,7 +466,7 @@ function onBreakout(event: pb.events.Event): void {
         // JoinBreakoutRoom.
         for (const a of room.participants) {
           if (a.leftAt === undefined) {
-            placeUser(a.userId, room.id, live);
+            placeUser(a.userId, room.id, live, a.joinedAt !== undefined);
           }
         }
       }
@@ -462,7 +474,7 @@ function onBreakout(event: pb.events.Event): void {
     case "participantAssigned":
       for (const a of p.value.assignments) {
         if (a.leftAt === undefined) {
-          placeUser(a.userId, p.value.breakoutRoomId, live);
+          placeUser(a.userId, p.value.breakoutRoomId, live, a.joinedAt !== undefined);
         }
       }
       break;
@@ -505,11 +517,20 @@ function onBreakout(event: pb.events.Event): void {
 
 /** `user` is now in `roomId` ("" = main room). Our own room changes only for live events:
  * the join response already told where we were when the feed's replay ends. */
-function placeUser(user: string, roomId: string, live: boolean): void {
+function placeUser(user: string, roomId: string, live: boolean, entered = true): void {
   const p = state.roster.get(user);
   if (user === state.me?.userId) {
     if (!live) {
+      // Replayed: the join told our room; only whether we entered it is learnt here.
+      if (roomId === state.roomId) {
+        state.entered = entered;
+        renderRoom();
+      }
       return;
+    }
+    if (state.entered !== entered) {
+      state.entered = entered;
+      renderRoom();
     }
     if (state.roomId !== roomId) {
       state.roomId = roomId;
@@ -533,6 +554,8 @@ function renderRoom(): void {
   box.dataset.roomId = id;
   box.dataset.room = id ? "breakout" : "main";
   document.body.dataset.roomId = id;
+  // Assigned without being moved: chat is the room's already, media follows on entering.
+  show("enter-room", id !== "" && !state.entered);
   if (!id) {
     box.textContent = "Main room";
     return;
@@ -941,6 +964,7 @@ function wire(): void {
   $("publish").addEventListener("click", () => void publishCamera());
   $("watch-media").addEventListener("click", () => void watchMedia());
   $("leave").addEventListener("click", () => void leave());
+  $("enter-room").addEventListener("click", () => void enterRoom());
   const params = new URLSearchParams(location.search);
   input("token").value = params.get("token") ?? "";
   input("session-id").value = params.get("session") ?? "";
