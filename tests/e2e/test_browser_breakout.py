@@ -9,8 +9,8 @@ queue), the staff page lists both open rooms with their counts, and the teacher'
 shows in both rooms' banners. Closing all rooms brings both pages back to the main room's
 chat (its history again, no room message), where a new teacher message reaches both. A
 second round (assigned without moving, so chat is already the room's): the page follows
-the assignment, a page reloaded inside the room starts there, and closing that one room
-brings it back to the main chat. On
+the assignment, a page reloaded inside the room starts there and offers to enter it
+(JoinBreakoutRoom, for media), and closing that one room brings it back to the main chat. On
 failure every browser's screenshot, console and HTML land in tests/artifacts/<test>/.
 """
 
