@@ -80,14 +80,23 @@ class MemberRow:
     joined_at: datetime
 
 
+#: The seats a room's capacity limits: current assignments of participants still in the
+#: session, except a moderator's own visit (JoinBreakoutRoom by an instructor or assistant
+#: into a room nobody assigned them to), which never takes a learner's place.
 _ROOM_COLS = (
     "b.id, b.tenant_id, b.session_id, b.name, b.capacity, b.time_limit_minutes, "
     "b.status::text AS status, b.opened_at, b.closes_at, b.closed_at, b.close_reason, "
     "b.router_id, (SELECT count(*) FROM room_assignments ra JOIN session_participants p "
     "ON p.id = ra.participant_id WHERE ra.breakout_room_id = b.id AND ra.left_at IS NULL "
-    "AND p.status::text = ANY('{lobby,admitted,disconnected}'::text[])) AS count"
+    "AND p.status::text = ANY('{lobby,admitted,disconnected}'::text[]) "
+    "AND NOT (p.role::text IN ('instructor', 'assistant') "
+    "AND ra.assigned_by IS NOT DISTINCT FROM p.user_id)) AS count"
 )
 _ORDER = "ORDER BY b.created_at, b.position, b.id"
+#: When an assignment ends. `now()` is the transaction's start: a transaction that began
+#: before another one (committed first, under the session row lock) assigned the
+#: participant would otherwise end the assignment before it began.
+_LEFT_AT = "greatest(now(), ra.assigned_at)"
 
 
 def _room(r: asyncpg.Record) -> RoomRow:
@@ -234,7 +243,7 @@ class BreakoutStore:
     async def close_room(self, conn: asyncpg.Connection, room_id: str, reason: str) -> list[str]:
         """Close the room; everyone in it returns to the main room. Returns their user ids."""
         returned = await conn.fetch(
-            "UPDATE room_assignments ra SET left_at = now() FROM session_participants p "
+            f"UPDATE room_assignments ra SET left_at = {_LEFT_AT} FROM session_participants p "
             "WHERE ra.breakout_room_id = $1 AND ra.left_at IS NULL AND p.id = ra.participant_id "
             "RETURNING p.user_id, p.status::text AS status",
             _u(room_id),
@@ -285,7 +294,7 @@ class BreakoutStore:
 
     async def leave_current(self, conn: asyncpg.Connection, participant_id: str) -> None:
         await conn.execute(
-            "UPDATE room_assignments SET left_at = now() "
+            f"UPDATE room_assignments ra SET left_at = {_LEFT_AT} "
             "WHERE participant_id = $1 AND left_at IS NULL",
             _u(participant_id),
         )
