@@ -360,7 +360,7 @@ async def _sizes(track: Any, seconds: float) -> dict[int, int]:
     return seen
 
 
-async def _settles_on(track: Any, width: int, timeout: float = 10) -> None:
+async def _settles_on(track: Any, width: int, timeout: float = 20) -> None:
     """Within `timeout` the decoded frames are `width` wide for a whole second."""
     deadline = time.monotonic() + timeout
     last: dict[int, int] = {}
