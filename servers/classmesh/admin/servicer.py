@@ -6,6 +6,7 @@ Every RPC is implemented. `create_servicer` also starts this process's webhook d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -242,8 +243,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                 page_size=size + 1,
                 after=after,
             )
-        page, more = rows[:size], len(rows) > size
-        token = encode_page_token(page[-1].created_at.isoformat(), page[-1].id) if more else ""
+        page, token = _keyset_page(rows, size)
         return admin_service_pb2.ListApiKeysResponse(
             api_keys=[_api_key(r) for r in page], next_page_token=token
         )
@@ -312,8 +312,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         after = time_cursor(request.page_token)
         async with connection(self.runtime.pool) as conn:
             rows = await self.service.list_webhooks(conn, principal, limit=size + 1, after=after)
-        page, more = rows[:size], len(rows) > size
-        token = encode_page_token(page[-1].created_at.isoformat(), page[-1].id) if more else ""
+        page, token = _keyset_page(rows, size)
         return admin_service_pb2.ListWebhooksResponse(
             webhooks=[_webhook(r) for r in page], next_page_token=token
         )
@@ -356,8 +355,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                 limit=size + 1,
                 after=after,
             )
-        page, more = rows[:size], len(rows) > size
-        token = encode_page_token(page[-1].created_at.isoformat(), page[-1].id) if more else ""
+        page, token = _keyset_page(rows, size)
         return admin_service_pb2.ListWebhookDeliveriesResponse(
             deliveries=[_delivery(r) for r in page], next_page_token=token
         )
@@ -395,8 +393,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             rows = await self.service.list_audit_logs(
                 conn, principal, where=where, limit=size + 1, after=after
             )
-        page, more = rows[:size], len(rows) > size
-        token = encode_page_token(page[-1].created_at.isoformat(), page[-1].id) if more else ""
+        page, token = _keyset_page(rows, size)
         return admin_service_pb2.ListAuditLogsResponse(
             entries=[audit_proto(r) for r in page], next_page_token=token
         )
@@ -409,3 +406,11 @@ def create_servicer(runtime: Runtime) -> AdminServicer:
     servicer = AdminServicer(runtime)
     servicer.start_background()
     return servicer
+
+
+def _keyset_page(rows: Sequence[Any], size: int) -> tuple[Sequence[Any], str]:
+    """The first `size` of `size + 1` rows (newest first) and the token of the next page:
+    the last row's (created_at, id), empty when nothing follows."""
+    page = rows[:size]
+    more = len(rows) > size
+    return page, encode_page_token(page[-1].created_at.isoformat(), page[-1].id) if more else ""
